@@ -1,0 +1,26 @@
+# Two commands do all set-up on a fresh clone: `make repro` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# DVC runs stage commands through the shell; put the venv first so `python` is ours.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: repro test venv clean-venv
+
+$(BIN)/.installed: requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements.txt
+	touch $@
+
+venv: $(BIN)/.installed
+
+repro: venv
+	$(BIN)/dvc repro
+	$(BIN)/dvc metrics show || true
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,274 @@
+"""The embedded default corpus: generated sentences spoken by espeak-ng, written in LibriSpeech layout.
+
+Everything here is offline and deterministic. espeak-ng comes as a shared library with its voice data
+inside the PyPI package ``espeakng-loader`` and is driven through ctypes. The library's output is
+byte-identical across processes for the same sequence of calls, but a voice change carries state into
+the next call, so utterances are always synthesized in one fixed order.
+
+Speech carries timing that text does not: every utterance gets its own speaking rate and pitch, and
+silent breaks at random word boundaries that the transcript does not show.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+from tqdm import tqdm
+
+from .tables import atomic_path
+
+# --------------------------------------------------------------------------------------------
+# Sentences: a small generative grammar over a hand-picked vocabulary. Transcripts are ours, so
+# there is no licence question, and the pool is large enough that train and test never share one.
+
+_NOUNS = """
+apple anchor arrow baker basket beach bell bench bird blanket boat book bottle bridge brother
+buffalo button cabin camera candle canoe captain carpet castle cat chair chimney church city clock
+cloud coat cottage council cow daughter desert doctor dog door dragon drawer engine farmer feather
+fence field finger fire fisherman flag flower forest fountain garden gate ghost giant girl glass
+governor guitar hammer harbor hat hill horse hunter island jacket judge kettle king kitchen knight
+ladder lake lamp lantern lawyer letter lion machine map market meadow merchant mirror monkey
+mountain musician needle nephew newspaper ocean officer orchard painter palace parrot pencil pilot
+pocket poet prince prisoner queen rabbit river robot sailor scholar sheep shepherd shoe singer
+soldier spider stone stranger student sword table teacher temple tower traveler tree village violin
+wagon wall watchman whale widow window wizard wolf woman
+""".split()
+
+_ADJECTIVES = """
+ancient angry bitter bold brave bright broken busy calm careful cheerful clever cold crooked
+curious dark dusty eager early empty enormous faithful famous fierce foolish fragile gentle gloomy
+golden graceful green grey heavy hidden hollow honest humble hungry icy idle jealous lazy little
+lonely loud lucky modest muddy narrow nervous noble odd old pale patient polite proud quiet rapid
+restless rich rough rusty sacred shallow sharp shy silent silver simple sleepy slow small smooth
+soft solemn strange stubborn sudden tall tender thin tired tiny twisted violent warm wealthy weary
+wet wicked wild wise wooden young
+""".split()
+
+_VERBS = """
+admired avoided borrowed buried carried chased cleaned counted covered crossed defended described
+discovered dropped examined filled followed forgot guarded hid ignored imitated inspected joined
+kicked lifted locked measured mended noticed opened painted pulled pushed questioned raised
+remembered repaired rescued returned robbed scolded searched selected shook signed sold stole
+studied surrounded tested threw touched traded visited warned washed watched weighed wrapped
+""".split()
+
+_INTRANSITIVE = """
+arrived laughed slept waited wandered whispered vanished trembled shouted smiled hesitated
+collapsed departed listened paused rested sighed shivered stumbled sang
+""".split()
+
+_ADVERBS = """
+quickly slowly quietly gladly suddenly carefully bravely softly angrily eagerly loudly rarely
+silently happily gently barely nearly patiently proudly sadly secretly wisely
+""".split()
+
+_PREPOSITIONS = "above across after against along among around behind below beneath beside beyond by near over through toward under within without".split()
+
+_NAMES = """
+anna arthur beatrice charles clara david edith edward eleanor frank george grace harold helen
+henry isabel james julia laura lewis margaret martha oliver peter rose samuel sarah thomas walter
+william
+""".split()
+
+_CONJUNCTIONS = ["and", "but", "while", "because", "so", "although", "until", "before", "after"]
+_OPENERS = ["at dawn", "that evening", "long ago", "in the morning", "by midnight", "once more",
+            "without a word", "for a while", "in the end", "at last", "every winter", "the next day"]
+_DETERMINERS = ["the", "the", "the", "a", "his", "her", "their", "that", "this", "every", "one"]
+
+
+def _noun_phrase(rng: random.Random, depth: int = 0) -> list[str]:
+    if rng.random() < 0.18:
+        return [rng.choice(_NAMES)]
+    words = [rng.choice(_DETERMINERS)]
+    for _ in range(rng.choice([0, 0, 1, 1, 2])):
+        words.append(rng.choice(_ADJECTIVES))
+    noun = rng.choice(_NOUNS)
+    if words[0] in ("a", "one") and rng.random() < 0.3:
+        words[0], noun = "two", noun + ("es" if noun.endswith(("s", "sh", "ch")) else "s")
+    if words[0] == "a" and (words[1:] or [noun])[0][0] in "aeiou":
+        words[0] = "an"
+    words.append(noun)
+    if depth == 0 and rng.random() < 0.25:
+        words += [rng.choice(_PREPOSITIONS)] + _noun_phrase(rng, depth + 1)
+    return words
+
+
+def _clause(rng: random.Random) -> list[str]:
+    subject = _noun_phrase(rng)
+    if rng.random() < 0.25:
+        verb = [rng.choice(_INTRANSITIVE)]
+        rest = [rng.choice(_PREPOSITIONS)] + _noun_phrase(rng) if rng.random() < 0.6 else []
+    else:
+        verb = [rng.choice(_VERBS)]
+        rest = _noun_phrase(rng)
+        if rng.random() < 0.35:
+            rest += [rng.choice(_PREPOSITIONS)] + _noun_phrase(rng, 1)
+    if rng.random() < 0.3:
+        verb = [rng.choice(_ADVERBS)] + verb if rng.random() < 0.5 else verb
+        rest = rest + [rng.choice(_ADVERBS)] if rng.random() < 0.5 else rest
+    return subject + verb + rest
+
+
+def sentence(rng: random.Random) -> str:
+    words = []
+    if rng.random() < 0.2:
+        words += rng.choice(_OPENERS).split()
+    words += _clause(rng)
+    while rng.random() < 0.4 and len(words) < 22:
+        words += [rng.choice(_CONJUNCTIONS)] + _clause(rng)
+    return " ".join(words)
+
+
+def sentences(n: int, seed: int) -> list[str]:
+    """``n`` distinct sentences, deterministic for a seed."""
+    rng = random.Random(seed)
+    seen: dict[str, None] = {}
+    tries = 0
+    while len(seen) < n:
+        seen.setdefault(sentence(rng), None)
+        tries += 1
+        if tries > 50 * n:
+            raise RuntimeError(f"could not generate {n} distinct sentences")
+    return list(seen)
+
+
+# --------------------------------------------------------------------------------------------
+# espeak-ng through ctypes
+
+_AUDIO_OUTPUT_SYNCHRONOUS = 2
+_CHARS_UTF8 = 1
+_SSML = 0x10
+_RATE, _PITCH, _RANGE = 1, 3, 4
+_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+
+
+class Espeak:
+    """One espeak-ng instance: set a voice and prosody, then synthesize SSML to int16 samples."""
+
+    def __init__(self):
+        import espeakng_loader
+
+        self._lib = ctypes.CDLL(espeakng_loader.get_library_path())
+        self.sample_rate = self._lib.espeak_Initialize(
+            _AUDIO_OUTPUT_SYNCHRONOUS, 0, espeakng_loader.get_data_path().encode(), 0)
+        if self.sample_rate <= 0:
+            raise RuntimeError("espeak-ng failed to initialise")
+        self._chunks: list[np.ndarray] = []
+
+        def collect(wav, n, _events):
+            if wav and n > 0:
+                self._chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
+            return 0
+
+        self._callback = _CALLBACK(collect)  # keep a reference: the library holds a raw pointer
+        self._lib.espeak_SetSynthCallback(self._callback)
+
+    def set_voice(self, name: str) -> None:
+        if self._lib.espeak_SetVoiceByName(name.encode()) != 0:
+            raise ValueError(f"synthesize: espeak-ng has no voice {name!r}")
+
+    def synth(self, ssml: str, rate: int, pitch: int, pitch_range: int) -> np.ndarray:
+        for param, value in ((_RATE, rate), (_PITCH, pitch), (_RANGE, pitch_range)):
+            self._lib.espeak_SetParameter(param, int(value), 0)
+        self._chunks = []
+        text = ssml.encode("utf-8")
+        err = self._lib.espeak_Synth(text, len(text) + 1, 0, 0, 0, _CHARS_UTF8 | _SSML, None, None)
+        self._lib.espeak_Synchronize()
+        if err != 0 or not self._chunks:
+            raise RuntimeError(f"espeak-ng could not synthesize {ssml!r} (error {err})")
+        return np.concatenate(self._chunks)
+
+
+# --------------------------------------------------------------------------------------------
+# The corpus
+
+
+@dataclass(frozen=True)
+class Speaker:
+    speaker_id: str
+    voice: str
+    rate: int  # words per minute, this speaker's habit
+    pitch: int  # 0-100
+
+
+@dataclass(frozen=True)
+class Utterance:
+    utt_id: str
+    speaker: Speaker
+    chapter_id: str
+    text: str  # transcript, lower case as generated
+    ssml: str  # what is spoken: the words plus silent breaks
+    rate: int
+    pitch: int
+    pitch_range: int
+
+
+def speakers(voices: list[str], first_id: int, rng: random.Random) -> list[Speaker]:
+    return [Speaker(str(first_id + i), v, rng.randint(140, 210), rng.randint(30, 70)) for i, v in enumerate(voices)]
+
+
+def plan(texts: list[str], spk: list[Speaker], chapters_per_speaker: int, rng: random.Random,
+         pause_prob: float, max_pause_ms: int) -> list[Utterance]:
+    """Assign sentences to speakers round-robin and draw each utterance's prosody and pauses."""
+    out = []
+    counters: dict[tuple[str, str], int] = {}
+    for k, text in enumerate(texts):
+        s = spk[k % len(spk)]
+        chapter = str(int(s.speaker_id) * 10 + (k // len(spk)) % chapters_per_speaker)
+        idx = counters.get((s.speaker_id, chapter), 0)
+        counters[(s.speaker_id, chapter)] = idx + 1
+        words = text.split()
+        spoken = [words[0]]
+        for w in words[1:]:
+            if rng.random() < pause_prob:
+                spoken.append(f'<break time="{rng.randint(80, max_pause_ms)}ms"/>')
+            spoken.append(w)
+        out.append(Utterance(
+            utt_id=f"{s.speaker_id}-{chapter}-{idx:04d}", speaker=s, chapter_id=chapter, text=text,
+            ssml="<speak>" + " ".join(spoken) + "</speak>",
+            rate=int(np.clip(s.rate + rng.randint(-35, 35), 90, 260)),
+            pitch=int(np.clip(s.pitch + rng.randint(-15, 15), 0, 100)),
+            pitch_range=rng.randint(20, 90)))
+    return out
+
+
+def write_split(engine: Espeak, utts: list[Utterance], split_dir: Path, desc: str) -> None:
+    """Synthesize and write ``<spk>/<chapter>/<utt>.flac`` plus one ``<spk>-<chapter>.trans.txt`` each."""
+    transcripts: dict[Path, list[str]] = {}
+    # Speaker by speaker, so the voice changes as rarely as possible; the order is fixed either way.
+    for u in tqdm(sorted(utts, key=lambda u: u.utt_id), desc=desc, unit="utt"):
+        engine.set_voice(u.speaker.voice)
+        audio = engine.synth(u.ssml, u.rate, u.pitch, u.pitch_range)
+        chapter_dir = split_dir / u.speaker.speaker_id / u.chapter_id
+        chapter_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(chapter_dir / f"{u.utt_id}.flac") as tmp:
+            sf.write(tmp, audio, engine.sample_rate, format="FLAC", subtype="PCM_16")
+        transcripts.setdefault(chapter_dir / f"{u.speaker.speaker_id}-{u.chapter_id}.trans.txt", []).append(
+            f"{u.utt_id} {u.text.upper()}")
+    for path, lines in transcripts.items():
+        with atomic_path(path) as tmp:
+            tmp.write_text("\n".join(lines) + "\n")
+
+
+def synthesize(out_dir: str | Path, train_split: str, test_split: str, train_utterances: int,
+               test_utterances: int, train_voices: list[str], test_voices: list[str],
+               chapters_per_speaker: int, pause_prob: float, max_pause_ms: int, seed: int) -> None:
+    """Write the embedded corpus: ``out_dir/<train_split>`` and ``out_dir/<test_split>``."""
+    if set(train_voices) & set(test_voices):
+        raise ValueError(f"synthesize: voices {sorted(set(train_voices) & set(test_voices))} are in both splits")
+    rng = random.Random(seed)
+    pool = sentences(train_utterances + test_utterances, seed)
+    rng.shuffle(pool)
+    test_texts, train_texts = pool[:test_utterances], pool[test_utterances:]
+    train_spk = speakers(train_voices, 100, rng)
+    test_spk = speakers(test_voices, 900, rng)
+    train = plan(train_texts, train_spk, chapters_per_speaker, rng, pause_prob, max_pause_ms)
+    test = plan(test_texts, test_spk, chapters_per_speaker, rng, pause_prob, max_pause_ms)
+    engine = Espeak()
+    write_split(engine, train, Path(out_dir) / train_split, train_split)
+    write_split(engine, test, Path(out_dir) / test_split, test_split)

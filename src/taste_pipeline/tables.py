@@ -1,0 +1,263 @@
+"""Every Parquet table of the pipeline: its schema, written once, and checked on read and write.
+
+Feature matrices are stored as ``list<fixed_size_list<float16, D>>`` so a row is self-describing
+(frames x width) and the width is part of the schema a reader checks.  Writers are atomic: rows go to
+a temporary file beside the destination which is renamed into place only when complete, so an
+interrupted stage never leaves a half table where DVC would cache it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+class SchemaError(ValueError):
+    """A table does not have the columns, types or values the pipeline expects."""
+
+
+MANIFEST = pa.schema(
+    [
+        ("utt_id", pa.string()),
+        ("speaker_id", pa.string()),
+        ("chapter_id", pa.string()),
+        ("text", pa.string()),
+        ("num_samples", pa.int64()),
+        ("duration", pa.float64()),
+        # Relative to the manifest's own folder, so a split folder can be moved as a whole.
+        ("audio_path", pa.string()),
+    ]
+)
+
+REJECTS = pa.schema([("utt_id", pa.string()), ("path", pa.string()), ("reason", pa.string())])
+
+
+def matrix_type(width: int) -> pa.DataType:
+    """Per-row (frames x width) float16 matrix."""
+    return pa.list_(pa.list_(pa.float16(), width))
+
+
+def whisper_schema(mid_width: int, last_width: int) -> pa.Schema:
+    return pa.schema(
+        [
+            ("utt_id", pa.string()),
+            ("num_frames", pa.int32()),
+            ("mid", matrix_type(mid_width)),
+            ("last", matrix_type(last_width)),
+        ]
+    )
+
+
+def text_schema(width: int) -> pa.Schema:
+    return pa.schema(
+        [
+            ("utt_id", pa.string()),
+            ("token_ids", pa.list_(pa.int32())),
+            ("emb", matrix_type(width)),
+        ]
+    )
+
+
+# Whisper and text tables carry their widths in their types; these name the fixed part.
+WHISPER_COLUMNS = ("utt_id", "num_frames", "mid", "last")
+TEXT_COLUMNS = ("utt_id", "token_ids", "emb")
+
+# Whisper's encoder emits one frame per 320 samples (two 10 ms mel hops) at 16 kHz: 50 frames/s.
+SAMPLE_RATE = 16000
+SAMPLES_PER_FRAME = 320
+
+
+def frames_for(num_samples: int) -> int:
+    """Number of 20 ms frames that cover ``num_samples`` at 16 kHz: ceil(num_samples / 320)."""
+    return -(-int(num_samples) // SAMPLES_PER_FRAME)
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic writing
+
+
+@contextmanager
+def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``dest``; rename it onto ``dest`` only if the block succeeds."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+class TableWriter:
+    """Streams record batches into a Parquet file as row groups; atomic on close.
+
+    Use as a context manager; if the block raises, the destination is left untouched.
+    """
+
+    def __init__(self, dest: str | os.PathLike, schema: pa.Schema, metadata: dict[str, str] | None = None):
+        self.schema = schema.with_metadata(metadata) if metadata else schema
+        self._ctx = atomic_path(dest)
+        self._writer: pq.ParquetWriter | None = None
+        self.num_rows = 0
+
+    def __enter__(self) -> "TableWriter":
+        tmp = self._ctx.__enter__()
+        self._writer = pq.ParquetWriter(tmp, self.schema)
+        return self
+
+    def write(self, rows: dict[str, list]) -> None:
+        if not rows or not len(next(iter(rows.values()))):
+            return
+        batch = pa.RecordBatch.from_pydict(rows, schema=self.schema)
+        self._writer.write_batch(batch)
+        self.num_rows += batch.num_rows
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self._writer.close()
+        return self._ctx.__exit__(exc_type, exc, tb)
+
+
+def write_table(dest: str | os.PathLike, table: pa.Table | dict, schema: pa.Schema,
+                metadata: dict[str, str] | None = None) -> None:
+    """Validate and write a whole (small) table atomically."""
+    if isinstance(table, dict):
+        table = pa.Table.from_pydict(table, schema=schema)
+    check_schema(table.schema, schema, str(dest))
+    if metadata:
+        table = table.replace_schema_metadata(metadata)
+    with atomic_path(dest) as tmp:
+        pq.write_table(table, tmp)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking
+
+
+def check_schema(actual: pa.Schema, expected: pa.Schema, where: str) -> None:
+    for field in expected:
+        if field.name not in actual.names:
+            raise SchemaError(f"{where}: missing column {field.name!r}")
+        got = actual.field(field.name).type
+        if got != field.type:
+            raise SchemaError(f"{where}: column {field.name!r} has type {got}, expected {field.type}")
+    extra = [n for n in actual.names if n not in expected.names]
+    if extra:
+        raise SchemaError(f"{where}: unexpected columns {extra}")
+
+
+def _unique_ids(ids: list[str], where: str) -> None:
+    seen: set[str] = set()
+    for u in ids:
+        if u in seen:
+            raise SchemaError(f"{where}: utt_id {u!r} appears more than once")
+        seen.add(u)
+
+
+def validate_manifest(table: pa.Table, where: str = "manifest") -> pa.Table:
+    check_schema(table.schema, MANIFEST, where)
+    rows = table.select(["utt_id", "text", "num_samples", "duration"]).to_pylist()
+    _unique_ids([r["utt_id"] for r in rows], where)
+    for r in rows:
+        if r["num_samples"] <= 0:
+            raise SchemaError(f"{where}: utt_id {r['utt_id']!r} has num_samples {r['num_samples']}")
+        if abs(r["duration"] - r["num_samples"] / SAMPLE_RATE) > 1e-6:
+            raise SchemaError(f"{where}: utt_id {r['utt_id']!r}: duration disagrees with num_samples")
+        if not r["text"].strip():
+            raise SchemaError(f"{where}: utt_id {r['utt_id']!r} has an empty text")
+    return table
+
+
+def validate_rejects(table: pa.Table, where: str = "rejects") -> pa.Table:
+    check_schema(table.schema, REJECTS, where)
+    for r in table.to_pylist():
+        if not r["reason"]:
+            raise SchemaError(f"{where}: reject of {r['path']!r} has no reason")
+    return table
+
+
+def _matrix_width(table: pa.Table, column: str, where: str) -> int:
+    t = table.schema.field(column).type
+    if not (pa.types.is_list(t) and pa.types.is_fixed_size_list(t.value_type)
+            and t.value_type.value_type == pa.float16()):
+        raise SchemaError(f"{where}: column {column!r} has type {t}, expected list<fixed_size_list<halffloat>>")
+    return t.value_type.list_size
+
+
+def validate_whisper(table: pa.Table, where: str = "whisper features") -> pa.Table:
+    if list(table.schema.names) != list(WHISPER_COLUMNS):
+        raise SchemaError(f"{where}: columns {table.schema.names}, expected {list(WHISPER_COLUMNS)}")
+    schema = whisper_schema(_matrix_width(table, "mid", where), _matrix_width(table, "last", where))
+    check_schema(table.schema, schema, where)
+    _unique_ids(table.column("utt_id").to_pylist(), where)
+    n = table.column("num_frames").to_numpy()
+    for col in ("mid", "last"):
+        lengths = table.column(col).combine_chunks().value_lengths().to_numpy(zero_copy_only=False)
+        bad = np.nonzero(lengths != n)[0]
+        if len(bad):
+            u = table.column("utt_id")[int(bad[0])].as_py()
+            raise SchemaError(f"{where}: utt_id {u!r}: {col} has {lengths[bad[0]]} frames, num_frames says {n[bad[0]]}")
+    return table
+
+
+def validate_text(table: pa.Table, where: str = "text features") -> pa.Table:
+    if list(table.schema.names) != list(TEXT_COLUMNS):
+        raise SchemaError(f"{where}: columns {table.schema.names}, expected {list(TEXT_COLUMNS)}")
+    check_schema(table.schema, text_schema(_matrix_width(table, "emb", where)), where)
+    _unique_ids(table.column("utt_id").to_pylist(), where)
+    ids = table.column("token_ids").combine_chunks().value_lengths().to_numpy(zero_copy_only=False)
+    emb = table.column("emb").combine_chunks().value_lengths().to_numpy(zero_copy_only=False)
+    for i in np.nonzero((ids != emb) | (ids == 0))[0]:
+        u = table.column("utt_id")[int(i)].as_py()
+        raise SchemaError(f"{where}: utt_id {u!r}: {ids[i]} token ids but {emb[i]} embeddings")
+    return table
+
+
+def read_manifest(path: str | os.PathLike) -> pa.Table:
+    return validate_manifest(pq.read_table(path), str(path))
+
+
+def read_rejects(path: str | os.PathLike) -> pa.Table:
+    return validate_rejects(pq.read_table(path), str(path))
+
+
+def read_whisper(path: str | os.PathLike) -> pa.Table:
+    return validate_whisper(pq.read_table(path), str(path))
+
+
+def read_text(path: str | os.PathLike) -> pa.Table:
+    return validate_text(pq.read_table(path), str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Matrices in and out of Arrow
+
+
+def matrix_column(mats: list[np.ndarray], width: int) -> pa.Array:
+    """List of (frames x width) arrays -> Arrow list<fixed_size_list<float16>> column."""
+    offsets = np.zeros(len(mats) + 1, dtype=np.int32)
+    offsets[1:] = np.cumsum([m.shape[0] for m in mats])
+    for m in mats:
+        if m.ndim != 2 or m.shape[1] != width:
+            raise ValueError(f"expected (frames, {width}) matrix, got {m.shape}")
+    flat = np.concatenate([m.astype(np.float16).reshape(-1) for m in mats]) if mats else np.zeros(0, np.float16)
+    rows = pa.FixedSizeListArray.from_arrays(pa.array(flat, type=pa.float16()), width)
+    return pa.ListArray.from_arrays(pa.array(offsets), rows)
+
+
+def row_matrix(table: pa.Table, column: str, i: int) -> np.ndarray:
+    """Row ``i`` of a matrix column as a (frames x width) float16 array."""
+    scalar = table.column(column)[i]
+    width = table.schema.field(column).type.value_type.list_size
+    flat = scalar.values.flatten().to_numpy(zero_copy_only=False)
+    return flat.reshape(-1, width)

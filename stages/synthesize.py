@@ -1,0 +1,22 @@
+"""Stage synthesize: write the embedded espeak-ng corpus in LibriSpeech layout.
+
+    python stages/synthesize.py <out_dir>
+"""
+
+import argparse
+
+from taste_pipeline import corpus, params
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("out_dir")
+    args = ap.parse_args()
+    base, data, p = params.load("base"), params.load("data"), params.load("synthesize")
+    corpus.synthesize(args.out_dir, data.train_split, data.test_split, p.train_utterances, p.test_utterances,
+                      p.train_voices, p.test_voices, p.chapters_per_speaker, p.pause_prob, p.max_pause_ms,
+                      base.seed)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+import math
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+
+from taste_pipeline import audio, tables
+
+
+def test_manifest_matches_transcripts(tiny_corpus, tiny_resampled):
+    manifest = tables.read_manifest(tiny_resampled / "manifest.parquet").to_pylist()
+    expected = {}
+    for trans in (tiny_corpus / "tiny-train").rglob("*.trans.txt"):
+        spk, chap = trans.name[: -len(".trans.txt")].split("-")
+        for line in trans.read_text().splitlines():
+            utt, text = line.split(" ", 1)
+            expected[utt] = (spk, chap, text)
+    assert {r["utt_id"]: (r["speaker_id"], r["chapter_id"], r["text"]) for r in manifest} == expected
+    assert [r["utt_id"] for r in manifest] == sorted(expected)
+    assert tables.read_rejects(tiny_resampled / "rejects.parquet").num_rows == 0
+
+
+def test_resampled_audio_is_16k_mono_with_the_right_length(tiny_corpus, tiny_resampled):
+    for r in tables.read_manifest(tiny_resampled / "manifest.parquet").to_pylist():
+        src = next((tiny_corpus / "tiny-train").rglob(f"{r['utt_id']}.flac"))
+        n_src = sf.info(src).frames
+        out = audio.load_utterance(tiny_resampled, r)
+        assert out.ndim == 1 and sf.info(tiny_resampled / r["audio_path"]).samplerate == 16000
+        assert len(out) == r["num_samples"] == math.ceil(n_src * 16000 / 22050)
+        assert r["duration"] == pytest.approx(r["num_samples"] / 16000)
+
+
+def _tone(rate, seconds, freq=440.0, channels=1):
+    t = np.arange(int(rate * seconds)) / rate
+    x = 0.5 * np.sin(2 * np.pi * freq * t)
+    return np.stack([x] * channels, axis=1) if channels > 1 else x
+
+
+def _write_chapter(root, spk, chap, items):
+    """items: {index: (audio or None or bytes, samplerate, subtype, ext, text or None)}"""
+    d = root / spk / chap
+    d.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for idx, (data, rate, subtype, ext, text) in items.items():
+        utt = f"{spk}-{chap}-{idx:04d}"
+        if isinstance(data, bytes):
+            (d / f"{utt}{ext}").write_bytes(data)
+        elif data is not None:
+            sf.write(d / f"{utt}{ext}", data, rate, subtype=subtype)
+        if text is not None:
+            lines.append(f"{utt} {text}")
+    (d / f"{spk}-{chap}.trans.txt").write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture()
+def odd_split(tmp_path):
+    root = tmp_path / "odd"
+    _write_chapter(root, "1", "10", {
+        0: (_tone(44100, 1.0, channels=2), 44100, "PCM_24", ".wav", "STEREO TWENTY FOUR BIT"),
+        1: (_tone(8000, 1.0), 8000, "PCM_16", ".flac", "EIGHT KILOHERTZ"),
+        2: (_tone(16000, 35.0), 16000, "PCM_16", ".flac", "A LONG UTTERANCE"),
+        3: (b"", 0, None, ".flac", "ZERO BYTES"),
+        4: (b"this is not audio at all\n" * 10, 0, None, ".flac", "TEXT FILE"),
+        5: (_tone(16000, 0.5), 16000, "PCM_16", ".flac", None),  # audio without a transcript line
+        6: (None, 0, None, ".flac", "TRANSCRIPT WITHOUT AUDIO"),
+        7: (_tone(16000, 0.5), 16000, "PCM_16", ".flac", ""),  # empty transcript
+    })
+    return root
+
+
+def test_any_rate_and_channel_count_becomes_16k_mono(odd_split, tmp_path):
+    out = tmp_path / "out"
+    kept, rejected = audio.resample_split(odd_split, out)
+    rows = {r["utt_id"]: r for r in tables.read_manifest(out / "manifest.parquet").to_pylist()}
+    assert set(rows) == {"1-10-0000", "1-10-0001", "1-10-0002"}
+    assert rows["1-10-0000"]["num_samples"] == 16000  # 1 s of 44.1 kHz stereo
+    assert rows["1-10-0001"]["num_samples"] == 16000  # 1 s of 8 kHz
+    assert rows["1-10-0002"]["duration"] == pytest.approx(35.0)  # over 30 s: kept whole
+    x = audio.load_utterance(out, rows["1-10-0000"])
+    spectrum = np.abs(np.fft.rfft(x))
+    assert np.argmax(spectrum) * 16000 / len(x) == pytest.approx(440, abs=2)  # the tone survives
+
+
+def test_every_bad_input_is_a_reject_with_a_reason(odd_split, tmp_path):
+    out = tmp_path / "out"
+    audio.resample_split(odd_split, out)
+    rejects = {r["utt_id"]: r for r in tables.read_rejects(out / "rejects.parquet").to_pylist()}
+    assert set(rejects) == {"1-10-0003", "1-10-0004", "1-10-0005", "1-10-0006", "1-10-0007"}
+    assert "empty file" in rejects["1-10-0003"]["reason"]
+    assert "not readable as audio" in rejects["1-10-0004"]["reason"]
+    assert "no transcript line" in rejects["1-10-0005"]["reason"]
+    assert "no audio file" in rejects["1-10-0006"]["reason"]
+    assert "empty transcript" in rejects["1-10-0007"]["reason"]
+    for r in rejects.values():
+        assert r["path"].startswith(str(odd_split)) and r["reason"].startswith(str(odd_split))  # names a file
+    assert pq.read_table(out / "manifest.parquet").num_rows == 3
+
+
+def test_strict_mode_fails_on_the_first_bad_file(odd_split, tmp_path):
+    with pytest.raises(audio.BadInput, match=r"1-10-0003\.flac: empty file"):
+        audio.resample_split(odd_split, tmp_path / "out", strict=True)
+    assert not (tmp_path / "out" / "manifest.parquet").exists()
+
+
+def test_missing_split_folder_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope"):
+        audio.resample_split(tmp_path / "nope", tmp_path / "out")
+
+
+def test_missing_audio_is_named_by_utterance(tiny_resampled):
+    row = tables.read_manifest(tiny_resampled / "manifest.parquet").to_pylist()[0]
+    with pytest.raises(FileNotFoundError, match=row["utt_id"]):
+        audio.load_utterance(tiny_resampled, dict(row, audio_path="audio/gone.flac"))

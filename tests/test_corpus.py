@@ -1,0 +1,71 @@
+import re
+import subprocess
+import sys
+
+import soundfile as sf
+
+from conftest import TEST_VOICES, TRAIN_VOICES
+
+
+def _lines(split_dir):
+    out = {}
+    for trans in split_dir.rglob("*.trans.txt"):
+        for line in trans.read_text().splitlines():
+            utt, text = line.split(" ", 1)
+            out[utt] = (text, trans)
+    return out
+
+
+def test_layout_is_librispeech(tiny_corpus):
+    for split, n in (("tiny-train", 8), ("tiny-test", 4)):
+        lines = _lines(tiny_corpus / split)
+        assert len(lines) == n
+        for utt, (text, trans) in lines.items():
+            spk, chap, idx = utt.split("-")
+            assert re.fullmatch(r"\d{4}", idx)
+            assert trans == tiny_corpus / split / spk / chap / f"{spk}-{chap}.trans.txt"
+            assert text == text.upper() and text.strip()
+            info = sf.info(trans.parent / f"{utt}.flac")
+            assert info.samplerate == 22050 and info.channels == 1 and info.frames > 22050 // 2
+
+
+def test_test_split_is_disjoint_from_train(tiny_corpus):
+    train, test = _lines(tiny_corpus / "tiny-train"), _lines(tiny_corpus / "tiny-test")
+    speakers = lambda lines: {u.split("-")[0] for u in lines}  # noqa: E731
+    assert speakers(train).isdisjoint(speakers(test))
+    assert len(speakers(train)) == len(TRAIN_VOICES) and len(speakers(test)) == len(TEST_VOICES)
+    assert not {t for t, _ in train.values()} & {t for t, _ in test.values()}
+
+
+def test_two_runs_in_separate_processes_are_byte_identical(tmp_path):
+    code = ("import sys; sys.path.insert(0, 'tests'); from conftest import make_corpus; "
+            "from pathlib import Path; make_corpus(Path(sys.argv[1]), train=6, test=2, seed=3)")
+    for name in ("a", "b"):
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / name)], check=True,
+                       cwd=__import__("pathlib").Path(__file__).parents[1], capture_output=True)
+    files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    files_b = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
+    assert files_a == files_b and len(files_a) == 8 + 6  # 8 flac; train 2 speakers x 2 chapters, test 1 x 2
+    for rel in files_a:
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
+
+
+def test_pauses_and_rate_vary_the_audio_not_the_text():
+    import random
+
+    from taste_pipeline import corpus
+
+    spk = corpus.speakers(["en-us"], 100, random.Random(0))
+    utts = corpus.plan(["one two three four five six seven eight"] * 40, spk, 1, random.Random(0), 0.3, 500)
+    assert len({u.ssml for u in utts}) > 1 and len({u.rate for u in utts}) > 1
+    assert all(u.text == "one two three four five six seven eight" for u in utts)
+    assert any("<break" in u.ssml for u in utts)
+
+
+def test_unknown_voice_is_a_clear_error(tmp_path):
+    import pytest
+
+    from taste_pipeline import corpus
+
+    with pytest.raises(ValueError, match="no voice 'xx-nonexistent'"):
+        corpus.synthesize(tmp_path, "a", "b", 2, 1, ["xx-nonexistent"], ["en-us"], 1, 0.1, 300, 0)

@@ -1,0 +1,71 @@
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from taste_pipeline import tables
+
+
+def _whisper_table(frames=(3, 5), width=4, n_override=None):
+    mats = [np.random.default_rng(i).standard_normal((f, width)) for i, f in enumerate(frames)]
+    return pa.Table.from_pydict({
+        "utt_id": [f"u{i}" for i in range(len(frames))],
+        "num_frames": list(n_override or frames),
+        "mid": tables.matrix_column(mats, width),
+        "last": tables.matrix_column(mats, width),
+    }, schema=tables.whisper_schema(width, width)), mats
+
+
+def test_matrix_round_trip_through_parquet(tmp_path):
+    table, mats = _whisper_table()
+    pq.write_table(table, tmp_path / "w.parquet")
+    back = tables.read_whisper(tmp_path / "w.parquet")
+    for i, m in enumerate(mats):
+        np.testing.assert_array_equal(tables.row_matrix(back, "last", i), m.astype(np.float16))
+
+
+def test_frame_count_mismatch_names_the_utterance():
+    table, _ = _whisper_table(n_override=(3, 6))
+    with pytest.raises(tables.SchemaError, match="u1"):
+        tables.validate_whisper(table)
+
+
+def test_manifest_schema_is_checked_on_read(tmp_path):
+    bad = pa.table({"utt_id": ["a"], "text": ["X"]})
+    pq.write_table(bad, tmp_path / "m.parquet")
+    with pytest.raises(tables.SchemaError, match="missing column 'speaker_id'"):
+        tables.read_manifest(tmp_path / "m.parquet")
+    rows = dict(utt_id=["a", "a"], speaker_id=["1", "1"], chapter_id=["2", "2"], text=["X", "Y"],
+                num_samples=[16000, 16000], duration=[1.0, 1.0], audio_path=["a.flac", "b.flac"])
+    with pytest.raises(tables.SchemaError, match="'a' appears more than once"):
+        tables.validate_manifest(pa.Table.from_pydict(rows, schema=tables.MANIFEST))
+    rows.update(utt_id=["a", "b"], duration=[1.0, 2.0])
+    with pytest.raises(tables.SchemaError, match="'b': duration disagrees"):
+        tables.validate_manifest(pa.Table.from_pydict(rows, schema=tables.MANIFEST))
+
+
+def test_wrong_column_type_is_refused():
+    t = pa.table({"utt_id": ["a"], "path": ["p"], "reason": [3]})
+    with pytest.raises(tables.SchemaError, match="'reason' has type int64"):
+        tables.validate_rejects(t)
+
+
+def test_interrupted_writer_leaves_nothing_behind(tmp_path):
+    dest = tmp_path / "out.parquet"
+    table, _ = _whisper_table()
+    with pytest.raises(RuntimeError):
+        with tables.TableWriter(dest, table.schema) as w:
+            w.write(table.to_pydict() | {"mid": table.column("mid").combine_chunks(),
+                                         "last": table.column("last").combine_chunks()})
+            raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_survives_a_failed_rewrite(tmp_path):
+    dest = tmp_path / "out.txt"
+    dest.write_text("old")
+    with pytest.raises(RuntimeError):
+        with tables.atomic_path(dest) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError
+    assert dest.read_text() == "old" and list(tmp_path.iterdir()) == [dest]
