@@ -29,6 +29,9 @@ def repo(tmp_path_factory):
     p = yaml.safe_load((ROOT / "params.yaml").read_text())
     p["synthesize"].update(train_utterances=6, test_utterances=3, train_voices=["en-us", "en+f4"],
                            test_voices=["en-us+m3"])
+    p["s3"].update(standin_units=16)
+    p["train"].update(epochs=2, batch_size=2, d_model=32, n_heads=2, n_layers=1, d_ff=64, agg_layers=1, warmup_steps=2)
+    p["evaluate"].update(attention_utterances=1)
     (repo / "params.yaml").write_text(yaml.safe_dump(p))
     _run(["git", "init", "-q"], repo)
     _run(["dvc", "init", "-q"], repo)
@@ -45,6 +48,24 @@ def test_every_stage_writes_its_tables(repo):
         ids = manifest.column("utt_id").to_pylist()
         assert w.column("utt_id").to_pylist() == ids == t.column("utt_id").to_pylist()
         assert w.column("num_frames").to_pylist() == [tables.frames_for(s) for s in manifest.column("num_samples").to_pylist()]
+
+
+def test_metrics_and_plots(repo):
+    import json
+
+    m = json.loads((repo / "metrics/eval.json").read_text())
+    for key in ("top1_acc", "change_top1_acc", "nll", "first_token_acc", "text_only_top1_acc",
+                "text_only_change_top1_acc", "text_only_nll", "shuffled_speech_top1_acc",
+                "shuffled_speech_change_top1_acc", "copy_prev_top1_acc"):
+        assert 0 <= m[key] < 100, key
+    assert m["num_utterances"] == 3 and "not S3" in m["targets"]
+    for png in ("per_position.png", "loss_curves.png"):
+        assert (repo / "plots/eval" / png).stat().st_size > 1000
+    assert len(list((repo / "plots/eval/attention").glob("*.png"))) == 1
+    assert "eval.json" in _run(["dvc", "metrics", "show"], repo)
+    _run(["dvc", "plots", "show", "-o", str(repo / "plots_html")], repo)
+    assert (repo / "plots_html" / "index.html").exists()
+    assert (repo / "metrics/train/taste/plots/metrics/train/step_loss.tsv").exists()
 
 
 def test_second_repro_does_nothing(repo):

@@ -84,8 +84,66 @@ class Text:
             raise ParamError(f"text.case: {self.case!r} is not 'lower' or 'keep'")
 
 
+@dataclass(frozen=True)
+class S3:
+    source: str = "standin:kmeans"  # or modelscope:iic/CosyVoice-300M, or a path to speech_tokenizer_v1.onnx
+    standin_units: int = 128
+    batch_size: int = 8
+    device: str = "cpu"
+
+    def check(self):
+        if self.standin_units < 2:
+            raise ParamError(f"s3.standin_units: must be at least 2, got {self.standin_units}")
+        if self.batch_size < 1:
+            raise ParamError(f"s3.batch_size: must be at least 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class Train:
+    variants: list = field(default_factory=lambda: ["taste", "text_only"])
+    lr: float = 1e-3
+    epochs: int = 12
+    batch_size: int = 16
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    patience: int = 4
+    val_speakers: int = 1
+    device: str = "cpu"
+    amp: bool = True
+    d_model: int = 192
+    n_heads: int = 4
+    n_layers: int = 3
+    d_ff: int = 768
+    dropout: float = 0.1
+    agg_layers: int = 2
+    agg_init: str = "whisper"
+    max_len: int = 2048
+
+    def check(self):
+        if not self.lr > 0:
+            raise ParamError(f"train.lr: must be positive, got {self.lr}")
+        for name in ("epochs", "batch_size", "d_model", "n_heads", "n_layers", "d_ff", "agg_layers", "max_len"):
+            if getattr(self, name) < 1:
+                raise ParamError(f"train.{name}: must be at least 1, got {getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            raise ParamError(f"train.d_model: {self.d_model} is not divisible by train.n_heads {self.n_heads}")
+        if not 0 <= self.dropout < 1:
+            raise ParamError(f"train.dropout: must be in [0, 1), got {self.dropout}")
+        if self.agg_init not in ("whisper", "fresh"):
+            raise ParamError(f"train.agg_init: {self.agg_init!r} is not 'whisper' or 'fresh'")
+        if sorted(self.variants) != ["taste", "text_only"]:
+            raise ParamError(f"train.variants: {self.variants} must be [taste, text_only] (evaluate compares them)")
+
+
+@dataclass(frozen=True)
+class Evaluate:
+    batch_size: int = 32
+    attention_utterances: int = 3
+
+
 SECTIONS = {"base": Base, "data": Data, "synthesize": Synthesize, "resample": Resample,
-            "whisper": Whisper, "text": Text}
+            "whisper": Whisper, "text": Text, "s3": S3, "train": Train, "evaluate": Evaluate}
 
 
 def _coerce(section: str, cls, raw: dict[str, Any]):

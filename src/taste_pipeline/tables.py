@@ -65,6 +65,9 @@ def text_schema(width: int) -> pa.Schema:
     )
 
 
+# Targets, 50 Hz. The schema metadata names the tokenizer ("targets") so no stand-in passes for S3.
+S3 = pa.schema([("utt_id", pa.string()), ("num_tokens", pa.int32()), ("tokens", pa.list_(pa.int32()))])
+
 # Whisper and text tables carry their widths in their types; these name the fixed part.
 WHISPER_COLUMNS = ("utt_id", "num_frames", "mid", "last")
 TEXT_COLUMNS = ("utt_id", "token_ids", "emb")
@@ -223,6 +226,25 @@ def validate_text(table: pa.Table, where: str = "text features") -> pa.Table:
     return table
 
 
+def validate_s3(table: pa.Table, where: str = "s3 targets") -> pa.Table:
+    check_schema(table.schema, S3, where)
+    meta = table.schema.metadata or {}
+    if b"targets" not in meta or b"vocab_size" not in meta:
+        raise SchemaError(f"{where}: metadata must name the targets' tokenizer and vocab_size")
+    _unique_ids(table.column("utt_id").to_pylist(), where)
+    vocab = int(meta[b"vocab_size"])
+    n = table.column("num_tokens").to_numpy()
+    tokens = table.column("tokens").combine_chunks()
+    lengths = tokens.value_lengths().to_numpy(zero_copy_only=False)
+    values = tokens.flatten().to_numpy(zero_copy_only=False)
+    for i in np.nonzero((lengths != n) | (n == 0))[0]:
+        raise SchemaError(f"{where}: utt_id {table.column('utt_id')[int(i)].as_py()!r}: "
+                          f"{lengths[i]} tokens, num_tokens says {n[i]}")
+    if len(values) and (values.min() < 0 or values.max() >= vocab):
+        raise SchemaError(f"{where}: token ids outside [0, {vocab})")
+    return table
+
+
 def read_manifest(path: str | os.PathLike) -> pa.Table:
     return validate_manifest(pq.read_table(path), str(path))
 
@@ -233,6 +255,10 @@ def read_rejects(path: str | os.PathLike) -> pa.Table:
 
 def read_whisper(path: str | os.PathLike) -> pa.Table:
     return validate_whisper(pq.read_table(path), str(path))
+
+
+def read_s3(path: str | os.PathLike) -> pa.Table:
+    return validate_s3(pq.read_table(path), str(path))
 
 
 def read_text(path: str | os.PathLike) -> pa.Table:

@@ -1,0 +1,84 @@
+"""Stage evaluate: teacher-forced scores of taste, text_only and the shuffled-speech control on the
+test split, the trivial baselines, and the plots (PNG plus DVC plot data)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import metrics, tables, train
+from .tables import atomic_path
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+@torch.no_grad()
+def attention(model, ex: train.Example) -> np.ndarray:
+    """(text tokens, frames) cross-attention of the aggregator's last layer, mean over heads."""
+    attn = model.aggregator.layers[-1].encoder_attn
+    attn.keep_weights = True
+    try:
+        b = train.collate([ex])
+        mask = torch.ones(1, len(ex.mid), dtype=torch.bool)
+        model.speech_vectors(b["text_emb"], b["mid"], b["last"], mask)
+        w = attn.last_weights[0].mean(0)[model.aggregator.PREFIX :]
+    finally:
+        attn.keep_weights, attn.last_weights = False, None
+    return w.numpy()
+
+
+def run(test_files: dict, train_s3: str, model_dirs: dict[str, str], text_model: str, seed: int,
+        batch_size: int, attention_utterances: int, metrics_path: str, plots_dir: str, device: str = "cpu") -> dict:
+    from . import text as text_mod
+
+    plots = Path(plots_dir)
+    plots.mkdir(parents=True, exist_ok=True)
+    test, meta = train.load_split(**test_files)
+    models = {name: train.load_checkpoint(d, device) for name, d in model_dirs.items()}
+    for name, (model, info) in models.items():
+        if info["model_args"]["vocab_size"] != int(meta["vocab_size"]):
+            raise ValueError(f"{model_dirs[name]} was trained on {info['model_args']['vocab_size']} units, "
+                             f"the test targets have {meta['vocab_size']}")
+    preds = {name: train.predict(m, test, batch_size, device) for name, (m, _) in models.items()}
+    perm = metrics.derangement(len(test), seed)
+    preds["shuffled_speech"] = train.predict(models["taste"][0], test, batch_size, device,
+                                             speech_from=[test[j] for j in perm])
+    train_targets = tables.read_s3(train_s3).column("tokens").to_pylist()
+    preds.update(metrics.baseline_preds([e.units.numpy() for e in test], [np.asarray(t) for t in train_targets]))
+
+    scores = {name: metrics.score(p) for name, p in preds.items()}
+    result = {f"{k}": v for k, v in scores["taste"].items()}
+    for name in ("text_only", "shuffled_speech"):
+        result.update({f"{name}_{k}": v for k, v in scores[name].items()})
+    for name in ("copy_prev", "most_frequent"):
+        result.update({f"{name}_{k}": v for k, v in scores[name].items() if k != "nll"})
+    repeats = np.concatenate([(e.units[1:] == e.units[:-1]).numpy() for e in test])
+    result.update({"targets": meta["targets"], "num_utterances": len(test), "unit_repeat_rate": float(repeats.mean()),
+                   "fusion_weight_speech": float(models["taste"][0].fusion_logits.softmax(0)[1]),
+                   "best_epoch": {n: info["best"]["epoch"] for n, (_, info) in models.items()}})
+    _write_json(Path(metrics_path), result)
+
+    curves = {name: metrics.per_position(preds[name]) for name in ("taste", "text_only", "shuffled_speech", "copy_prev")}
+    _write_json(plots / "per_position.json", [dict(r, system=name) for name, rows in curves.items() for r in rows])
+    metrics.plot_per_position(curves, plots / "per_position.png")
+
+    histories = {n: info.get("history", []) for n, (_, info) in models.items()}
+    _write_json(plots / "loss_curves.json", [dict(r, variant=n) for n, rows in histories.items() for r in rows])
+    metrics.plot_losses(histories, plots / "loss_curves.png")
+
+    tokenizer, _ = text_mod.load(text_model)
+    att_dir = plots / "attention"
+    att_dir.mkdir(exist_ok=True)
+    for ex in test[:attention_utterances]:
+        w = attention(models["taste"][0], ex)
+        tokens = [tokenizer.decode([int(i)]) for i in ex.token_ids]
+        metrics.plot_attention(w, tokens, f"{ex.utt_id}: aggregator cross-attention (last layer)",
+                               att_dir / f"{ex.utt_id}.png")
+    return result

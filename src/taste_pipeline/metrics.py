@@ -1,0 +1,132 @@
+"""Teacher-forced evaluation metrics, trivial baselines and the plots people look at.
+
+Units at 50 Hz repeat a lot, so "copy the previous unit" already scores well on overall top-1.
+``change_top1_acc`` scores only positions whose target differs from the previous target: that is
+where timing and voice information shows. All metrics are over unit positions (END excluded).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+POSITION_BIN = 25  # units per bin of the per-position plot: 0.5 s at 50 Hz
+
+
+def _units(p: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return p["pred"][:-1], p["target"][:-1], p["nll"][:-1]
+
+
+def score(preds: list[dict]) -> dict:
+    """top1_acc, change_top1_acc, nll, first_token_acc over a list of ``train.predict`` outputs."""
+    hits, change_hits, nlls, first = [], [], [], []
+    for p in preds:
+        pred, target, nll = _units(p)
+        hit = pred == target
+        hits.append(hit)
+        nlls.append(nll)
+        change = np.zeros_like(hit)
+        change[1:] = target[1:] != target[:-1]
+        change_hits.append(hit[change])
+        first.append(hit[:1])
+    cat = np.concatenate
+    return {"top1_acc": float(cat(hits).mean()), "change_top1_acc": float(cat(change_hits).mean()),
+            "nll": float(cat(nlls).mean()), "first_token_acc": float(cat(first).mean())}
+
+
+def baseline_preds(targets: list[np.ndarray], train_targets: list[np.ndarray]) -> dict[str, list[dict]]:
+    """copy_prev (most frequent train unit at the first position) and most_frequent, as ``predict`` outputs."""
+    mode = Counter(np.concatenate(train_targets).tolist()).most_common(1)[0][0]
+    out = {"copy_prev": [], "most_frequent": []}
+    for t in targets:
+        end = np.array([-1])  # END slot, excluded by score()
+        copy = np.concatenate([[mode], t[:-1]])
+        out["copy_prev"].append({"pred": np.concatenate([copy, end]), "target": np.concatenate([t, end]),
+                                 "nll": np.full(len(t) + 1, np.nan)})
+        out["most_frequent"].append({"pred": np.concatenate([np.full(len(t), mode), end]),
+                                     "target": np.concatenate([t, end]), "nll": np.full(len(t) + 1, np.nan)})
+    return out
+
+
+def per_position(preds: list[dict], bin_size: int = POSITION_BIN) -> list[dict]:
+    """Top-1 by position in the unit sequence, in bins of ``bin_size`` units."""
+    hits: dict[int, list[bool]] = {}
+    for p in preds:
+        pred, target, _ = _units(p)
+        for b, h in zip(np.arange(len(target)) // bin_size, pred == target):
+            hits.setdefault(int(b), []).append(bool(h))
+    return [{"seconds": b * bin_size / 50.0, "top1_acc": float(np.mean(h)), "count": len(h)}
+            for b, h in sorted(hits.items()) if len(h) >= 20]
+
+
+def derangement(n: int, seed: int) -> list[int]:
+    """A permutation without fixed points: every utterance gets another one's speech."""
+    if n < 2:
+        raise ValueError("the shuffled-speech control needs at least 2 test utterances")
+    rng = np.random.default_rng(seed)
+    while True:
+        perm = rng.permutation(n)
+        if not np.any(perm == np.arange(n)):
+            return perm.tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots (PNG; the same numbers go to DVC plot files by the evaluate stage)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_per_position(curves: dict[str, list[dict]], path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, rows in curves.items():
+        ax.plot([r["seconds"] for r in rows], [r["top1_acc"] for r in rows], marker=".", label=name)
+    ax.set_xlabel("position in the utterance (s)")
+    ax.set_ylabel("top-1 accuracy (teacher-forced)")
+    ax.set_title("Accuracy by position, test split")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_losses(histories: dict[str, list[dict]], path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, rows in histories.items():
+        line, = ax.plot([r["epoch"] + 1 for r in rows], [r["train_loss"] for r in rows], label=f"{name} train")
+        ax.plot([r["epoch"] + 1 for r in rows], [r["val_nll"] for r in rows], "--", color=line.get_color(),
+                label=f"{name} validation")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("cross-entropy per unit (nats)")
+    ax.set_title("Training and speaker-disjoint validation loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_attention(weights: np.ndarray, tokens: list[str], title: str, path) -> None:
+    """weights: (text tokens, frames) from the aggregator's cross-attention."""
+    plt = _plt()
+    L, F = weights.shape
+    fig, ax = plt.subplots(figsize=(max(6, F / 40), max(3, L / 4)))
+    ax.imshow(weights, aspect="auto", origin="upper", cmap="magma", interpolation="nearest",
+              extent=(0, F / 50.0, L - 0.5, -0.5))
+    ax.set_yticks(range(L))
+    ax.set_yticklabels(tokens, fontsize=8)
+    ax.set_xlabel("seconds")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,258 @@
+"""The TASTE model, readable in one sitting: aggregator -> fusion -> causal unit decoder.
+
+Aggregator: Whisper-decoder-shaped layers whose cross-attention takes its queries from text tokens,
+its keys from the last Whisper encoder layer and its values from a middle layer, with key-padding
+masks; one output vector per text token. It can start from the pretrained Whisper decoder (whose
+cross-attention already aligns text to audio); then the value projection starts as identity, because
+the values come from another layer than the one it was trained on.
+
+Fusion: TASTE's weighted sum of a text branch and a speech branch with two softmax-normalised weights.
+``text_only`` is the same model without the speech branch: it never reads speech features.
+
+Decoder: a causal transformer over [fused text-length prefix, TASK, u_1 .. u_T] that predicts
+u_1 .. u_T, END (the shape of CosyVoice's text-to-token LM). Loss only on the unit positions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+VARIANTS = ("taste", "text_only")
+
+
+@dataclass
+class ModelConfig:
+    variant: str = "taste"
+    vocab_size: int = 128  # target units; END and TASK are added after them
+    d_query: int = 384  # text embedding width
+    d_audio: int = 384  # Whisper encoder width (keys and values)
+    agg_layers: int = 2
+    agg_heads: int = 6
+    agg_ffn: int = 1536
+    agg_init: str = "whisper"  # whisper: the pretrained Whisper decoder's first layers; fresh: random
+    max_text: int = 448  # aggregator positions, Whisper's prefix included
+    d_model: int = 256
+    n_heads: int = 4
+    n_layers: int = 4
+    d_ff: int = 1024
+    max_len: int = 2048  # decoder positions: text + 1 + units + 1
+    dropout: float = 0.1
+
+    @property
+    def end_id(self) -> int:
+        return self.vocab_size
+
+    @property
+    def task_id(self) -> int:
+        return self.vocab_size + 1
+
+
+class Attention(nn.Module):
+    """Multi-head attention with separate key and value sources (self-attention: all three are x)."""
+
+    def __init__(self, d: int, heads: int, d_kv: int | None = None, dropout: float = 0.0, key_bias: bool = False):
+        super().__init__()
+        d_kv = d_kv or d
+        self.heads, self.dropout = heads, dropout
+        self.q_proj = nn.Linear(d, d)
+        self.k_proj = nn.Linear(d_kv, d, bias=key_bias)  # Whisper's key projections have no bias
+        self.v_proj = nn.Linear(d_kv, d)
+        self.out_proj = nn.Linear(d, d)
+        self.last_weights: torch.Tensor | None = None  # (B, heads, Lq, Lk) when keep_weights
+        self.keep_weights = False
+
+    def forward(self, x, keys=None, values=None, key_mask=None, causal=False):
+        keys = x if keys is None else keys
+        values = keys if values is None else values
+        B, Lq, D = x.shape
+        split = lambda t: t.view(B, t.shape[1], self.heads, D // self.heads).transpose(1, 2)  # noqa: E731
+        q, k, v = split(self.q_proj(x)), split(self.k_proj(keys)), split(self.v_proj(values))
+        mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, Lk) True = real frame
+        if causal and (mask is not None or self.keep_weights):
+            c = torch.ones(Lq, k.shape[2], dtype=torch.bool, device=x.device).tril()
+            mask, causal = (c if mask is None else mask & c), False
+        if self.keep_weights:
+            w = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+            if mask is not None:
+                w = w.masked_fill(~mask, float("-inf"))
+            self.last_weights = w.softmax(-1).detach()
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(y.transpose(1, 2).reshape(B, Lq, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, d: int, d_ff: int, dropout: float):
+        super().__init__()
+        self.fc1, self.fc2, self.drop = nn.Linear(d, d_ff), nn.Linear(d_ff, d), nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.drop(self.fc2(F.gelu(self.fc1(x))))
+
+
+class AggregatorLayer(nn.Module):
+    """A Whisper decoder layer (pre-LN): causal self-attention, cross-attention (K, V apart), MLP."""
+
+    def __init__(self, d: int, heads: int, d_ff: int, d_audio: int, dropout: float):
+        super().__init__()
+        self.self_attn_layer_norm, self.self_attn = nn.LayerNorm(d), Attention(d, heads)
+        self.encoder_attn_layer_norm = nn.LayerNorm(d)
+        self.encoder_attn = Attention(d, heads, d_audio)
+        self.final_layer_norm, self.mlp = nn.LayerNorm(d), MLP(d, d_ff, dropout)
+
+    def forward(self, x, keys, values, frame_mask):
+        x = x + self.self_attn(self.self_attn_layer_norm(x), causal=True)
+        x = x + self.encoder_attn(self.encoder_attn_layer_norm(x), keys, values, key_mask=frame_mask)
+        return x + self.mlp(self.final_layer_norm(x))
+
+
+class Aggregator(nn.Module):
+    """Text-token queries attend over Whisper frames: (B, L, d_query) -> (B, L, d_audio)."""
+
+    PREFIX = 2  # Whisper's <|startoftranscript|> <|notimestamps|>: the context it was trained to read text in
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.d_audio
+        self.in_proj = nn.Identity() if cfg.d_query == d else nn.Linear(cfg.d_query, d)
+        self.prefix = nn.Parameter(torch.randn(self.PREFIX, d) * 0.02)
+        self.positions = nn.Parameter(torch.randn(cfg.max_text, d) * 0.02)  # prefix included
+        self.layers = nn.ModuleList(AggregatorLayer(d, cfg.agg_heads, cfg.agg_ffn, d, cfg.dropout)
+                                    for _ in range(cfg.agg_layers))
+        self.layer_norm = nn.LayerNorm(d)
+
+    def forward(self, text_emb, mid, last, frame_mask):
+        B, L, _ = text_emb.shape
+        x = torch.cat([self.prefix.expand(B, -1, -1), self.in_proj(text_emb)], dim=1)
+        if L + self.PREFIX > len(self.positions):
+            raise ValueError(f"{L} text tokens exceed the aggregator's {len(self.positions) - self.PREFIX} positions")
+        x = x + self.positions[: L + self.PREFIX]
+        for layer in self.layers:
+            x = layer(x, last, mid, frame_mask)
+        return self.layer_norm(x)[:, self.PREFIX :]
+
+    @torch.no_grad()
+    def init_from_whisper(self, whisper_model) -> None:
+        """Copy the first layers of a transformers Whisper decoder; value projections start as identity."""
+        dec = whisper_model.model.decoder
+        cfg = whisper_model.config
+        if len(self.layers) > len(dec.layers):
+            raise ValueError(f"train.agg_layers: {len(self.layers)} > the Whisper decoder's {len(dec.layers)} layers")
+        if self.prefix.shape[1] != cfg.d_model:
+            raise ValueError(f"train.agg_init=whisper needs Whisper width {cfg.d_model}, got {self.prefix.shape[1]}")
+        start = cfg.decoder_start_token_id
+        notimestamps = 50362 if cfg.vocab_size == 51864 else 50363
+        self.prefix.copy_(dec.embed_tokens.weight[[start, notimestamps]])
+        self.positions.copy_(dec.embed_positions.weight[: self.positions.shape[0]])
+        for ours, theirs in zip(self.layers, dec.layers):
+            missing, unexpected = ours.load_state_dict(
+                {k.replace("fc1", "mlp.fc1").replace("fc2", "mlp.fc2"): v for k, v in theirs.state_dict().items()},
+                strict=False)
+            if unexpected or any("k_proj.bias" not in m for m in missing):
+                raise ValueError(f"Whisper decoder layer does not fit: missing {missing}, unexpected {unexpected}")
+            ours.encoder_attn.v_proj.weight.copy_(torch.eye(cfg.d_model))
+            ours.encoder_attn.v_proj.bias.zero_()
+        self.layer_norm.load_state_dict(dec.layer_norm.state_dict())
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, heads: int, d_ff: int, dropout: float):
+        super().__init__()
+        self.ln1, self.attn = nn.LayerNorm(d), Attention(d, heads, key_bias=True)
+        self.ln2, self.mlp = nn.LayerNorm(d), MLP(d, d_ff, dropout)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        x = x + self.drop(self.attn(self.ln1(x), causal=True))
+        return x + self.mlp(self.ln2(x))
+
+
+class TasteModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.variant not in VARIANTS:
+            raise ValueError(f"train.variant: {cfg.variant!r} is not one of {VARIANTS}")
+        self.cfg = cfg
+        self.text_branch = nn.Linear(cfg.d_query, cfg.d_model)
+        if cfg.variant == "taste":
+            self.aggregator = Aggregator(cfg)
+            self.speech_branch = nn.Linear(cfg.d_audio, cfg.d_model)
+            self.fusion_logits = nn.Parameter(torch.zeros(2))  # softmax -> equal weights at the start
+        self.unit_emb = nn.Embedding(cfg.vocab_size + 2, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.max_len, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.dropout) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size + 1)  # units + END
+
+    def speech_vectors(self, text_emb, mid, last, frame_mask):
+        """One vector per text token: (B, L, d_audio)."""
+        return self.aggregator(text_emb, mid, last, frame_mask)
+
+    def prefix(self, text_emb, mid=None, last=None, frame_mask=None):
+        """Fused text-length prefix (B, L, d_model). text_only never touches mid/last."""
+        text = self.text_branch(text_emb)
+        if self.cfg.variant == "text_only":
+            return text
+        speech = self.speech_branch(self.speech_vectors(text_emb, mid, last, frame_mask))
+        w = self.fusion_logits.softmax(0)
+        return w[0] * text + w[1] * speech
+
+    def forward(self, batch: dict, reduction: str = "mean"):
+        """Teacher-forced logits over [u_1 .. u_T, END] per item, and the cross-entropy.
+
+        batch: text_emb (B, L, dq), text_len (B), mid/last (B, F, da), frame_len (B),
+               units (B, T) padded with anything, unit_len (B).
+        Returns logits (B, T+1, V+1) aligned with targets (B, T+1) (-100 at padding), and the loss.
+        """
+        text_emb, text_len = batch["text_emb"], batch["text_len"]
+        units, unit_len = batch["units"], batch["unit_len"]
+        B, L, _ = text_emb.shape
+        T = units.shape[1]
+        dev = text_emb.device
+        if self.cfg.variant == "taste":
+            frame_mask = torch.arange(batch["mid"].shape[1], device=dev)[None] < batch["frame_len"][:, None]
+            prefix = self.prefix(text_emb, batch["mid"], batch["last"], frame_mask)
+        else:
+            prefix = self.prefix(text_emb)
+        # Each item's sequence is [its L_i prefix vectors, TASK, u_1 .. u_T]; items are packed to the left
+        # so every item's units start right after its own prefix (no gap for causal attention to see).
+        task = self.unit_emb(torch.full((B, 1), self.cfg.task_id, device=dev))
+        unit_in = self.unit_emb(units.clamp(0, self.cfg.vocab_size - 1))
+        S = L + 1 + T
+        if S > self.cfg.max_len:
+            raise ValueError(f"sequence of {S} positions exceeds train.max_len {self.cfg.max_len}")
+        x = torch.zeros(B, S, self.cfg.d_model, device=dev)
+        pos_in_seq = torch.arange(S, device=dev)[None].expand(B, S)
+        is_prefix = pos_in_seq < text_len[:, None]
+        x[is_prefix] = prefix[torch.arange(L, device=dev)[None].expand(B, L) < text_len[:, None]].float()
+        start = text_len  # index of TASK per item
+        rel = pos_in_seq - start[:, None]  # 0 at TASK, t at u_t
+        is_task = rel == 0
+        is_unit = (rel >= 1) & (rel <= unit_len[:, None])
+        x[is_task] = task[:, 0].float()
+        x[is_unit] = unit_in[(torch.arange(T, device=dev)[None] < unit_len[:, None])].float()
+        x = self.drop(x + self.pos_emb(pos_in_seq))
+        for block in self.blocks:
+            x = block(x)
+        h = self.ln_f(x)
+        # Outputs at TASK, u_1 .. u_T predict u_1 .. u_T, END.
+        idx = (start[:, None] + torch.arange(T + 1, device=dev)[None]).clamp(max=S - 1)
+        logits = self.head(h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1])))
+        targets = torch.full((B, T + 1), -100, dtype=torch.long, device=dev)
+        valid = torch.arange(T + 1, device=dev)[None] < unit_len[:, None]
+        targets[:, :T][valid[:, :T]] = units[valid[:, :T]].long()
+        targets[torch.arange(B, device=dev), unit_len] = self.cfg.end_id
+        loss = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100, reduction=reduction)
+        return logits, targets, loss
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def model_args(self) -> dict:
+        return asdict(self.cfg)

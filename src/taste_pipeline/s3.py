@@ -1,0 +1,213 @@
+"""Speech-token targets at 50 Hz: CosyVoice S3 tokens, or a clearly named offline stand-in.
+
+Two tokenizers share one interface (``tokenize(audios) -> list[np.ndarray]``):
+
+- ``S3Tokens``: CosyVoice-300M ``speech_tokenizer_v1`` (4096 codes, 50 Hz) through the ``s3tokenizer``
+  package: 128-bin log-mel as s3tokenizer computes it, padded into batches with its own ``padding``, and
+  each row trimmed to its own length. The ONNX file comes from ModelScope ``iic/CosyVoice-300M``.
+- ``StandinUnits``: k-means units over the same 128-bin log-mel pooled to 20 ms, fitted on the train
+  split only. It exists because S3 weights cannot be fetched offline; its name (``STANDIN_NAME``) goes
+  everywhere a target name goes, and nothing calls it S3.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .tables import frames_for
+
+MODELSCOPE_PREFIX = "modelscope:"
+STANDIN = "standin:kmeans"
+S3_FILE = "speech_tokenizer_v1.onnx"
+S3_CODES = 4096
+S3_NAME = "cosyvoice-300m-speech_tokenizer_v1"
+
+
+def standin_name(units: int) -> str:
+    return f"standin-kmeans{units}-logmel128 (not S3)"
+
+
+def log_mel(audio: np.ndarray) -> torch.Tensor:
+    """(128, n // 160) log-mel, exactly as s3tokenizer computes its input."""
+    import s3tokenizer
+
+    return s3tokenizer.log_mel_spectrogram(torch.from_numpy(np.asarray(audio, np.float32)), n_mels=128)
+
+
+# ---------------------------------------------------------------------------------------------
+# Real S3 tokens
+
+
+def fetch(source: str, out_dir: str | Path) -> Path:
+    """Put the S3 tokenizer's ONNX file for ``s3.source`` into ``out_dir``; returns its path.
+
+    ``modelscope:<model id>`` downloads from ModelScope (users with internet); anything else is taken
+    as a local path to ``speech_tokenizer_v1.onnx``.
+    """
+    import shutil
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if source.startswith(MODELSCOPE_PREFIX):
+        from modelscope import snapshot_download
+
+        folder = Path(snapshot_download(source[len(MODELSCOPE_PREFIX):], allow_patterns=[S3_FILE]))
+        src = folder / S3_FILE
+    else:
+        src = Path(source)
+    if not src.is_file():
+        raise FileNotFoundError(f"s3.source: {src} is not a file (expected {S3_FILE})")
+    shutil.copyfile(src, out_dir / S3_FILE)
+    return out_dir / S3_FILE
+
+
+class S3Tokens:
+    """Batched, length-aware S3 tokenization (s3tokenizer's padding and per-row lengths)."""
+
+    name = S3_NAME
+    vocab_size = S3_CODES
+
+    def __init__(self, onnx_path: str | Path | None, device: str = "cpu", batch_size: int = 8):
+        import s3tokenizer
+
+        self.model = s3tokenizer.S3Tokenizer("speech_tokenizer_v1")
+        if onnx_path is not None:  # None: random weights, for shape and batching tests only
+            self.model.init_from_onnx(str(onnx_path))
+        self.model = self.model.to(device).eval()
+        self.device = device
+        self.batch_size = batch_size
+
+    @torch.inference_mode()
+    def tokenize(self, audios: list[np.ndarray]) -> list[np.ndarray]:
+        import s3tokenizer
+
+        out: list[np.ndarray] = []
+        for b in range(0, len(audios), self.batch_size):
+            mels, lens = s3tokenizer.padding([log_mel(a) for a in audios[b : b + self.batch_size]])
+            codes, code_lens = self.model.quantize(mels.to(self.device), lens.to(self.device))
+            out += [codes[i, : int(code_lens[i])].cpu().numpy().astype(np.int32) for i in range(len(lens))]
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Offline stand-in
+
+
+def pooled_log_mel(audio: np.ndarray) -> np.ndarray:
+    """(ceil(n/320), 128): log-mel averaged over pairs of 10 ms frames, one row per 20 ms."""
+    mel = log_mel(audio).T.numpy()  # (n // 160, 128)
+    frames = frames_for(len(audio))
+    need = 2 * frames
+    if mel.shape[0] < need:  # the last partial 20 ms repeats the final 10 ms frame
+        mel = np.concatenate([mel, np.repeat(mel[-1:], need - mel.shape[0], axis=0)]) if len(mel) else np.zeros((need, 128), np.float32)
+    return mel[:need].reshape(frames, 2, 128).mean(axis=1)
+
+
+class StandinUnits:
+    """k-means over normalized pooled 128-bin log-mel: 50 Hz discrete units that depend on the audio."""
+
+    def __init__(self, centroids: np.ndarray, mean: np.ndarray, std: np.ndarray):
+        self.centroids = torch.from_numpy(np.asarray(centroids, np.float32))
+        self.mean, self.std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+        self.vocab_size = len(centroids)
+        self.name = standin_name(self.vocab_size)
+
+    @classmethod
+    def fit(cls, audios: list[np.ndarray], units: int, seed: int, max_frames: int = 200_000) -> "StandinUnits":
+        from sklearn.cluster import KMeans
+
+        feats = np.concatenate([pooled_log_mel(a) for a in audios])
+        mean, std = feats.mean(0), feats.std(0) + 1e-5
+        x = (feats - mean) / std
+        if len(x) > max_frames:
+            x = x[np.random.default_rng(seed).choice(len(x), max_frames, replace=False)]
+        km = KMeans(n_clusters=units, n_init=1, max_iter=100, random_state=seed).fit(x)
+        order = np.argsort(km.cluster_centers_[:, 0], kind="stable")  # ids independent of k-means' labelling
+        return cls(km.cluster_centers_[order], mean, std)
+
+    def tokenize(self, audios: list[np.ndarray]) -> list[np.ndarray]:
+        out = []
+        for a in audios:
+            x = torch.from_numpy((pooled_log_mel(a) - self.mean) / self.std)
+            out.append(torch.cdist(x, self.centroids).argmin(1).numpy().astype(np.int32))
+        return out
+
+    def save(self, path: str | Path) -> None:
+        from safetensors.numpy import save_file
+
+        from .tables import atomic_path
+
+        with atomic_path(path) as tmp:
+            save_file({"centroids": self.centroids.numpy(), "mean": self.mean, "std": self.std}, str(tmp),
+                      metadata={"name": self.name})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "StandinUnits":
+        from safetensors.numpy import load_file
+
+        t = load_file(str(path))
+        return cls(t["centroids"], t["mean"], t["std"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage logic
+
+STANDIN_FILE = "standin_kmeans.safetensors"
+INFO_FILE = "tokenizer.json"
+
+
+def prepare_tokenizer(source: str, out_dir: str | Path, train_manifest: str | Path, units: int, seed: int) -> dict:
+    """Stage s3_tokenizer: fetch the S3 model or fit the stand-in on the train split. Writes tokenizer.json."""
+    from . import audio, tables
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if source == STANDIN:
+        manifest_path = Path(train_manifest)
+        rows = tables.read_manifest(manifest_path).to_pylist()
+        tok = StandinUnits.fit([audio.load_utterance(manifest_path.parent, r) for r in rows], units, seed)
+        tok.save(out_dir / STANDIN_FILE)
+        info = {"name": tok.name, "kind": "standin", "file": STANDIN_FILE, "vocab_size": tok.vocab_size,
+                "fitted_on": str(manifest_path)}
+    else:
+        path = fetch(source, out_dir)
+        info = {"name": S3_NAME, "kind": "s3", "file": path.name, "vocab_size": S3_CODES, "source": source}
+    with tables.atomic_path(out_dir / INFO_FILE) as tmp:
+        tmp.write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def load_tokenizer(model_dir: str | Path, device: str = "cpu", batch_size: int = 8):
+    model_dir = Path(model_dir)
+    info = json.loads((model_dir / INFO_FILE).read_text())
+    if info["kind"] == "standin":
+        return StandinUnits.load(model_dir / info["file"])
+    return S3Tokens(model_dir / info["file"], device, batch_size)
+
+
+def tokenize_split(manifest_path: str | Path, model_dir: str | Path, out_path: str | Path,
+                   device: str = "cpu", batch_size: int = 8, rows_per_group: int = 64) -> int:
+    """Stage s3: one row of targets per utterance, streamed in row groups."""
+    from tqdm import tqdm
+
+    from . import audio, tables
+
+    manifest_path = Path(manifest_path)
+    rows = tables.read_manifest(manifest_path).to_pylist()
+    tok = load_tokenizer(model_dir, device, batch_size)
+    meta = {"targets": tok.name, "vocab_size": str(tok.vocab_size), "frame_rate_hz": "50"}
+    with tables.TableWriter(out_path, tables.S3, meta) as writer:
+        for b in tqdm(range(0, len(rows), rows_per_group), desc=f"s3 {manifest_path.parent.name}", unit="group"):
+            chunk = rows[b : b + rows_per_group]
+            codes = tok.tokenize([audio.load_utterance(manifest_path.parent, r) for r in chunk])
+            for r, c in zip(chunk, codes):
+                # S3 counts frames from the mel length (n // 160), so it may be one short of ceil(n/320).
+                if abs(len(c) - frames_for(r["num_samples"])) > 1:
+                    raise ValueError(f"utterance {r['utt_id']}: {len(c)} tokens for {r['num_samples']} samples")
+            writer.write({"utt_id": [r["utt_id"] for r in chunk], "num_tokens": [len(c) for c in codes],
+                          "tokens": [c.tolist() for c in codes]})
+    return writer.num_rows

@@ -1,0 +1,256 @@
+"""Data joining, batching and the training loop (nanoGPT-shaped: config, data, eval, loop).
+
+The loop keeps the checkpoint with the best validation NLL on a speaker-disjoint validation split
+carved from train: small models overfit this corpus fast, and overall accuracy is dominated by
+copying the previous unit, so it is too noisy to stop on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import tables
+from .model import ModelConfig, TasteModel
+
+
+@dataclass
+class Example:
+    utt_id: str
+    speaker_id: str
+    text: str
+    token_ids: np.ndarray
+    text_emb: torch.Tensor  # (L, dq) float16
+    mid: torch.Tensor  # (F, da) float16
+    last: torch.Tensor  # (F, da) float16
+    units: torch.Tensor  # (T,) int64
+
+
+def load_split(manifest_path, whisper_path, text_path, s3_path) -> tuple[list[Example], dict]:
+    """Join the four tables of a split on utt_id; an utterance missing from any of them is an error."""
+    manifest = tables.read_manifest(manifest_path)
+    w, t, s = tables.read_whisper(whisper_path), tables.read_text(text_path), tables.read_s3(s3_path)
+    ids = manifest.column("utt_id").to_pylist()
+    index = {}
+    for name, table in (("whisper", w), ("text", t), ("s3", s)):
+        pos = {u: i for i, u in enumerate(table.column("utt_id").to_pylist())}
+        missing = [u for u in ids if u not in pos]
+        if missing:
+            raise ValueError(f"{name} table lacks utterance {missing[0]} (and {len(missing) - 1} more) of {manifest_path}")
+        index[name] = pos
+    rows = manifest.select(["utt_id", "speaker_id", "text"]).to_pylist()
+    token_ids = t.column("token_ids").to_pylist()
+    tokens = s.column("tokens").to_pylist()
+    out = []
+    for r in rows:
+        u = r["utt_id"]
+        out.append(Example(
+            utt_id=u, speaker_id=r["speaker_id"], text=r["text"],
+            token_ids=np.asarray(token_ids[index["text"][u]]),
+            text_emb=torch.from_numpy(tables.row_matrix(t, "emb", index["text"][u]).copy()),
+            mid=torch.from_numpy(tables.row_matrix(w, "mid", index["whisper"][u]).copy()),
+            last=torch.from_numpy(tables.row_matrix(w, "last", index["whisper"][u]).copy()),
+            units=torch.tensor(tokens[index["s3"][u]], dtype=torch.long)))
+    meta = {k.decode(): v.decode() for k, v in (s.schema.metadata or {}).items()}
+    return out, meta
+
+
+def speaker_split(examples: list[Example], val_speakers: int, seed: int) -> tuple[list[Example], list[Example]]:
+    """Hold out ``val_speakers`` whole speakers (chosen with the seed) for validation."""
+    speakers = sorted({e.speaker_id for e in examples})
+    if not 1 <= val_speakers < len(speakers):
+        raise ValueError(f"train.val_speakers: {val_speakers} of {len(speakers)} train speakers leaves nothing to train or validate on")
+    held = set(random.Random(seed).sample(speakers, val_speakers))
+    return [e for e in examples if e.speaker_id not in held], [e for e in examples if e.speaker_id in held]
+
+
+def collate(examples: list[Example], speech_from: list[Example] | None = None) -> dict:
+    """Pad a batch. ``speech_from``: take each item's Whisper states from another utterance (control)."""
+    speech = speech_from or examples
+    B = len(examples)
+    L = max(len(e.text_emb) for e in examples)
+    Fr = max(len(e.mid) for e in speech)
+    T = max(len(e.units) for e in examples)
+    dq, da = examples[0].text_emb.shape[1], speech[0].mid.shape[1]
+    batch = {"text_emb": torch.zeros(B, L, dq), "mid": torch.zeros(B, Fr, da), "last": torch.zeros(B, Fr, da),
+             "units": torch.zeros(B, T, dtype=torch.long)}
+    for i, (e, s) in enumerate(zip(examples, speech)):
+        batch["text_emb"][i, : len(e.text_emb)] = e.text_emb.float()
+        batch["mid"][i, : len(s.mid)] = s.mid.float()
+        batch["last"][i, : len(s.last)] = s.last.float()
+        batch["units"][i, : len(e.units)] = e.units
+    batch["text_len"] = torch.tensor([len(e.text_emb) for e in examples])
+    batch["frame_len"] = torch.tensor([len(s.mid) for s in speech])
+    batch["unit_len"] = torch.tensor([len(e.units) for e in examples])
+    return batch
+
+
+def to_device(batch: dict, device: str) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def batches(examples: list[Example], batch_size: int, rng: random.Random | None = None):
+    """Batches of similar length (less padding); shuffled batch order when ``rng`` is given."""
+    order = sorted(range(len(examples)), key=lambda i: (len(examples[i].units), examples[i].utt_id))
+    groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if rng is not None:
+        rng.shuffle(groups)
+    return groups
+
+
+@torch.no_grad()
+def predict(model: TasteModel, examples: list[Example], batch_size: int, device: str = "cpu",
+            speech_from: list[Example] | None = None, amp: bool = False) -> list[dict]:
+    """Teacher-forced predictions per utterance: argmax, per-position NLL, targets (units + END)."""
+    model.eval()
+    out: list[dict] = [None] * len(examples)
+    for group in batches(examples, batch_size):
+        batch = collate([examples[i] for i in group], [speech_from[i] for i in group] if speech_from else None)
+        with autocast(device, amp):
+            logits, targets, nll = model(to_device(batch, device), reduction="none")
+        for j, i in enumerate(group):
+            n = int(batch["unit_len"][j]) + 1
+            out[i] = {"pred": logits[j, :n].argmax(-1).cpu().numpy(), "nll": nll[j, :n].cpu().numpy(),
+                      "target": targets[j, :n].cpu().numpy()}
+    return out
+
+
+def summarize(preds: list[dict]) -> dict:
+    """NLL per target unit and top-1 over every unit position (END excluded)."""
+    nll = np.concatenate([p["nll"][:-1] for p in preds])
+    hit = np.concatenate([p["pred"][:-1] == p["target"][:-1] for p in preds])
+    return {"nll": float(nll.mean()), "top1_acc": float(hit.mean())}
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-3
+    epochs: int = 20
+    batch_size: int = 16
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    patience: int = 5
+    val_speakers: int = 1
+    device: str = "cpu"
+    amp: bool = True  # bfloat16 autocast (CPU and CUDA); weights and optimizer stay float32
+
+
+def autocast(device: str, enabled: bool):
+    return torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=enabled)
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to a tenth of the peak."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def save_checkpoint(model: TasteModel, out_dir: Path, info: dict) -> None:
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tables.atomic_path(out_dir / "model.safetensors") as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    with tables.atomic_path(out_dir / "config.json") as tmp:
+        tmp.write_text(json.dumps({"model_args": model.model_args(), **info}, indent=2) + "\n")
+
+
+def load_checkpoint(model_dir: str | Path, device: str = "cpu") -> tuple[TasteModel, dict]:
+    from safetensors.torch import load_file
+
+    model_dir = Path(model_dir)
+    info = json.loads((model_dir / "config.json").read_text())
+    model = TasteModel(ModelConfig(**info["model_args"]))
+    model.load_state_dict(load_file(str(model_dir / "model.safetensors")))
+    if (model_dir / "history.json").exists():
+        info["history"] = json.loads((model_dir / "history.json").read_text())
+    return model.to(device).eval(), info
+
+
+def fit(model: TasteModel, train_ex: list[Example], val_ex: list[Example], cfg: TrainConfig, seed: int,
+        out_dir: str | Path, live=None) -> dict:
+    """Train with AdamW; keep the best-validation-NLL weights in ``out_dir``; returns a summary."""
+    from tqdm import tqdm
+
+    out_dir = Path(out_dir)
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    model.to(cfg.device)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    steps_per_epoch = math.ceil(len(train_ex) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    best = {"val_nll": float("inf"), "epoch": -1}
+    step, bad_epochs = 0, 0
+    history = []
+    bar = tqdm(total=total, desc=f"train {model.cfg.variant}", unit="step")
+    for epoch in range(cfg.epochs):
+        model.train()
+        losses, counts = 0.0, 0
+        for group in batches(train_ex, cfg.batch_size, rng):
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, total, cfg)
+            batch = to_device(collate([train_ex[i] for i in group]), cfg.device)
+            with autocast(cfg.device, cfg.amp):
+                _, targets, loss = model(batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            n = int((targets != -100).sum())
+            losses, counts = losses + loss.item() * n, counts + n
+            if live is not None:
+                live.log_metric("train/step_loss", loss.item())
+                live.log_metric("train/lr", opt.param_groups[0]["lr"])
+                live.next_step()
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        val = summarize(predict(model, val_ex, cfg.batch_size * 2, cfg.device, amp=cfg.amp))
+        record = {"epoch": epoch, "train_loss": losses / counts, "val_nll": val["nll"], "val_top1_acc": val["top1_acc"]}
+        history.append(record)
+        if live is not None:
+            for k in ("train_loss", "val_nll", "val_top1_acc"):
+                live.log_metric(f"epoch/{k}", record[k])
+        bar.write(f"epoch {epoch}: train {record['train_loss']:.3f}  val nll {val['nll']:.3f}  val top1 {val['top1_acc']:.3f}")
+        if val["nll"] < best["val_nll"]:
+            best = {"val_nll": val["nll"], "val_top1_acc": val["top1_acc"], "epoch": epoch}
+            save_checkpoint(model, out_dir, {"best": best, "seed": seed, "train": cfg.__dict__})
+            bad_epochs = 0
+        else:
+            bad_epochs += 1
+            if bad_epochs >= cfg.patience:
+                bar.write(f"stopping: validation NLL has not improved for {cfg.patience} epochs")
+                break
+    bar.close()
+    with tables.atomic_path(out_dir / "history.json") as tmp:
+        tmp.write_text(json.dumps(history, indent=2) + "\n")
+    return {"best": best, "history": history, "steps": step}
+
+
+def build_model(variant: str, vocab_size: int, d_query: int, d_audio: int, p, whisper_model: str | None) -> TasteModel:
+    """A fresh model from the ``train`` params; the aggregator starts from Whisper when asked."""
+    cfg = ModelConfig(variant=variant, vocab_size=vocab_size, d_query=d_query, d_audio=d_audio,
+                      agg_layers=p.agg_layers, agg_init=p.agg_init, d_model=p.d_model, n_heads=p.n_heads,
+                      n_layers=p.n_layers, d_ff=p.d_ff, max_len=p.max_len, dropout=p.dropout)
+    if variant == "taste" and p.agg_init == "whisper":
+        from . import whisper
+
+        wm = whisper.load_model(whisper_model)
+        cfg.agg_heads, cfg.agg_ffn, cfg.max_text = (wm.config.decoder_attention_heads, wm.config.decoder_ffn_dim,
+                                                    wm.config.max_target_positions)
+        model = TasteModel(cfg)
+        model.aggregator.init_from_whisper(wm)
+        return model
+    return TasteModel(cfg)

@@ -1,0 +1,33 @@
+"""Stage evaluate: teacher-forced top-1, change top-1, NLL, first-token accuracy on the test split.
+
+    python stages/evaluate.py <manifest> <whisper> <text> <s3> <train s3> <models_dir> <metrics.json> <plots_dir>
+
+The first four are the test split's tables; <models_dir>/<variant> holds each trained variant.
+"""
+
+import argparse
+
+from taste_pipeline import evaluate, params
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    for table in ("manifest", "whisper", "text", "s3"):
+        ap.add_argument(table, help=f"{table} table of the test split")
+    ap.add_argument("train_s3", help="s3 table of the train split (for the most-frequent-unit baseline)")
+    ap.add_argument("models_dir")
+    ap.add_argument("metrics")
+    ap.add_argument("plots_dir")
+    args = ap.parse_args()
+    p, base, t, tr = params.load("evaluate"), params.load("base"), params.load("text"), params.load("train")
+    files = {"manifest_path": args.manifest, "whisper_path": args.whisper, "text_path": args.text, "s3_path": args.s3}
+    result = evaluate.run(files, args.train_s3, {v: f"{args.models_dir}/{v}" for v in tr.variants}, t.model,
+                          base.seed, p.batch_size,
+                          p.attention_utterances, args.metrics, args.plots_dir, tr.device)
+    for k in ("targets", "top1_acc", "change_top1_acc", "nll", "text_only_change_top1_acc", "text_only_nll",
+              "shuffled_speech_change_top1_acc", "shuffled_speech_nll", "copy_prev_top1_acc"):
+        print(f"{k}: {result.get(k)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""Stage train: one variant (taste or text_only) on the train split; best checkpoint by validation NLL.
+
+    python stages/train.py <variant> <manifest> <whisper> <text> <s3> <model_dir> <live_dir>
+"""
+
+import argparse
+
+from dvclive import Live
+
+from taste_pipeline import params, train
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("variant")
+    for table in ("manifest", "whisper", "text", "s3"):
+        ap.add_argument(table, help=f"{table} table of the train split")
+    ap.add_argument("model_dir")
+    ap.add_argument("live_dir")
+    args = ap.parse_args()
+    p, base, w = params.load("train"), params.load("base"), params.load("whisper")
+    examples, meta = train.load_split(args.manifest, args.whisper, args.text, args.s3)
+    train_ex, val_ex = train.speaker_split(examples, p.val_speakers, base.seed)
+    model = train.build_model(args.variant, int(meta["vocab_size"]), examples[0].text_emb.shape[1],
+                              examples[0].mid.shape[1], p, w.model)
+    cfg = train.TrainConfig(lr=p.lr, epochs=p.epochs, batch_size=p.batch_size, weight_decay=p.weight_decay,
+                            warmup_steps=p.warmup_steps, grad_clip=p.grad_clip, patience=p.patience,
+                            val_speakers=p.val_speakers, device=p.device, amp=p.amp)
+    print(f"{args.variant}: {model.num_params() / 1e6:.2f} M parameters; {len(train_ex)} train / "
+          f"{len(val_ex)} validation utterances (speaker-disjoint); targets {meta['targets']}")
+    with Live(args.live_dir, dvcyaml=None, save_dvc_exp=False) as live:
+        live.log_params({"variant": args.variant, "seed": base.seed, "targets": meta["targets"]})
+        summary = train.fit(model, train_ex, val_ex, cfg, base.seed, args.model_dir, live)
+        live.summary["best_val_nll"] = summary["best"]["val_nll"]
+        live.summary["best_epoch"] = summary["best"]["epoch"]
+
+
+if __name__ == "__main__":
+    main()

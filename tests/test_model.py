@@ -1,0 +1,113 @@
+import pytest
+import torch
+
+from taste_pipeline import whisper
+from taste_pipeline.model import ModelConfig, TasteModel
+
+
+def _batch(B=3, L=7, F=40, T=30, seed=0, dq=384):
+    g = torch.Generator().manual_seed(seed)
+    return {"text_emb": torch.randn(B, L, dq, generator=g), "text_len": torch.tensor([L, L - 2, 3][:B]),
+            "mid": torch.randn(B, F, 384, generator=g), "last": torch.randn(B, F, 384, generator=g),
+            "frame_len": torch.tensor([F, F - 10, 20][:B]), "units": torch.randint(0, 16, (B, T), generator=g),
+            "unit_len": torch.tensor([T, T - 10, 10][:B])}
+
+
+def _model(variant="taste", **kw):
+    torch.manual_seed(0)
+    cfg = dict(variant=variant, vocab_size=16, d_model=32, n_heads=2, n_layers=2, d_ff=64, agg_layers=1,
+               agg_heads=2, agg_ffn=64, dropout=0.0)
+    return TasteModel(ModelConfig(**(cfg | kw))).eval()
+
+
+@pytest.mark.parametrize("variant", ["taste", "text_only"])
+def test_future_targets_never_change_past_logits(variant):
+    model, batch = _model(variant), _batch()
+    logits, _, _ = model(batch)
+    for t in (0, 5, 17):
+        changed = dict(batch, units=batch["units"].clone())
+        changed["units"][:, t + 1 :] = (changed["units"][:, t + 1 :] + 7) % 16
+        logits2, _, _ = model(changed)
+        # Output index i predicts unit i+1 from units <= i: outputs 0..t+1 read only u_1..u_{t+1}.
+        torch.testing.assert_close(logits[:, : t + 2], logits2[:, : t + 2])
+        assert not torch.allclose(logits[0, t + 2 :], logits2[0, t + 2 :])
+
+
+def test_text_only_never_reads_speech_features():
+    model, batch = _model("text_only"), _batch()
+    assert not hasattr(model, "aggregator") and not hasattr(model, "speech_branch")
+    logits, _, _ = model(batch)
+    poisoned = dict(batch, mid=torch.full_like(batch["mid"], float("nan")), last=torch.full_like(batch["last"], float("nan")))
+    torch.testing.assert_close(model(poisoned)[0], logits)
+    no_speech = {k: v for k, v in batch.items() if k not in ("mid", "last", "frame_len")}
+    torch.testing.assert_close(model(no_speech)[0], logits)
+
+
+def test_taste_depends_on_speech_but_not_on_padded_frames():
+    model, batch = _model("taste"), _batch()
+    logits, _, _ = model(batch)
+    other = dict(batch, mid=batch["mid"].flip(0), last=batch["last"].flip(0))
+    assert not torch.allclose(model(other)[0][0], logits[0])
+    padded = dict(batch, mid=batch["mid"].clone(), last=batch["last"].clone())
+    padded["mid"][1, 30:] = 1e3  # item 1 has 30 real frames
+    padded["last"][1, 30:] = -1e3
+    torch.testing.assert_close(model(padded)[0], logits)
+
+
+def test_batched_equals_single_items():
+    model, batch = _model("taste"), _batch()
+    logits, targets, _ = model(batch)
+    single = {"text_emb": batch["text_emb"][2:, :3], "text_len": batch["text_len"][2:], "mid": batch["mid"][2:, :20],
+              "last": batch["last"][2:, :20], "frame_len": batch["frame_len"][2:], "units": batch["units"][2:, :10],
+              "unit_len": batch["unit_len"][2:]}
+    l1, t1, _ = model(single)
+    torch.testing.assert_close(l1[0], logits[2, :11], atol=1e-5, rtol=1e-4)
+    assert torch.equal(t1[0], targets[2, :11])
+
+
+def test_targets_are_units_then_end():
+    model, batch = _model("text_only"), _batch()
+    _, targets, _ = model(batch)
+    n = int(batch["unit_len"][1])
+    assert torch.equal(targets[1, :n], batch["units"][1, :n])
+    assert targets[1, n] == model.cfg.end_id and (targets[1, n + 1 :] == -100).all()
+
+
+def test_aggregator_gives_one_vector_per_text_token():
+    model, batch = _model("taste"), _batch()
+    mask = torch.arange(40)[None] < batch["frame_len"][:, None]
+    out = model.speech_vectors(batch["text_emb"], batch["mid"], batch["last"], mask)
+    assert out.shape == (3, 7, 384)
+
+
+def test_whisper_init_copies_the_decoder_and_sets_value_identity(tiny_whisper):
+    cfg = ModelConfig(vocab_size=16, d_model=32, n_heads=2, n_layers=1, d_ff=64, agg_layers=2, agg_heads=6,
+                      agg_ffn=1536, dropout=0.0)
+    model = TasteModel(cfg)
+    model.aggregator.init_from_whisper(tiny_whisper)
+    ours, theirs = model.aggregator.layers[1], tiny_whisper.model.decoder.layers[1]
+    assert torch.equal(ours.encoder_attn.k_proj.weight, theirs.encoder_attn.k_proj.weight)
+    assert torch.equal(ours.encoder_attn.q_proj.weight, theirs.encoder_attn.q_proj.weight)
+    assert torch.equal(ours.mlp.fc1.weight, theirs.fc1.weight)
+    assert torch.equal(ours.encoder_attn.v_proj.weight, torch.eye(384))
+    assert torch.equal(model.aggregator.prefix[0], tiny_whisper.model.decoder.embed_tokens.weight[50257])
+    too_deep = TasteModel(ModelConfig(vocab_size=16, d_model=32, n_heads=2, n_layers=1, d_ff=64, agg_layers=5))
+    with pytest.raises(ValueError, match="agg_layers"):
+        too_deep.aggregator.init_from_whisper(tiny_whisper)
+
+
+def test_pretrained_aggregator_matches_whisper_when_keys_equal_values(tiny_whisper):
+    """With K = V = the last layer and v_proj restored, our layers compute Whisper's decoder states."""
+    cfg = ModelConfig(vocab_size=16, agg_layers=4, agg_heads=6, agg_ffn=1536, dropout=0.0)
+    model = TasteModel(cfg).eval()
+    model.aggregator.init_from_whisper(tiny_whisper)
+    dec = tiny_whisper.model.decoder
+    with torch.no_grad():
+        for ours, theirs in zip(model.aggregator.layers, dec.layers):
+            ours.encoder_attn.v_proj.load_state_dict(theirs.encoder_attn.v_proj.state_dict())
+        enc = torch.randn(1, 30, 384)
+        ids = torch.tensor([[50257, 50362, 262, 3797, 3332]])
+        ref = dec(input_ids=ids, encoder_hidden_states=enc).last_hidden_state[:, 2:]
+        emb = dec.embed_tokens.weight[ids[:, 2:]]
+        ours = model.aggregator(emb, enc, enc, torch.ones(1, 30, dtype=torch.bool))
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
