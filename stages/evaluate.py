@@ -19,10 +19,10 @@ def main() -> None:
     ap.add_argument("metrics")
     ap.add_argument("plots_dir")
     args = ap.parse_args()
-    p, base, t, tr = params.load("evaluate"), params.load("base"), params.load("text"), params.load("train")
+    p, t, tr = params.load("evaluate"), params.load("text"), params.load("train")
     files = {"manifest_path": args.manifest, "whisper_path": args.whisper, "text_path": args.text, "s3_path": args.s3}
     result = evaluate.run(files, args.train_s3, {v: f"{args.models_dir}/{v}" for v in tr.variants}, t.model,
-                          base.seed, p.batch_size,
+                          tr.seed, p.batch_size,
                           p.attention_utterances, args.metrics, args.plots_dir, tr.device)
     for k in ("targets", "top1_acc", "change_top1_acc", "nll", "text_only_change_top1_acc", "text_only_nll",
               "shuffled_speech_change_top1_acc", "shuffled_speech_nll", "copy_prev_top1_acc"):

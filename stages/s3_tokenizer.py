@@ -14,7 +14,8 @@ def main() -> None:
     ap.add_argument("out_dir")
     args = ap.parse_args()
     p, base = params.load("s3"), params.load("base")
-    info = s3.prepare_tokenizer(p.source, args.out_dir, args.train_manifest, p.standin_units, base.seed)
+    info = s3.prepare_tokenizer(p.source, args.out_dir, args.train_manifest, p.standin_units, base.seed,
+                                p.standin_norm)
     print(f"targets: {info['name']}")
 
 

@@ -18,9 +18,9 @@ def main() -> None:
     ap.add_argument("model_dir")
     ap.add_argument("live_dir")
     args = ap.parse_args()
-    p, base, w = params.load("train"), params.load("base"), params.load("whisper")
+    p, w = params.load("train"), params.load("whisper")
     examples, meta = train.load_split(args.manifest, args.whisper, args.text, args.s3)
-    train_ex, val_ex = train.speaker_split(examples, p.val_speakers, base.seed)
+    train_ex, val_ex = train.speaker_split(examples, p.val_speakers, p.seed)
     model = train.build_model(args.variant, int(meta["vocab_size"]), examples[0].text_emb.shape[1],
                               examples[0].mid.shape[1], p, w.model)
     cfg = train.TrainConfig(lr=p.lr, epochs=p.epochs, batch_size=p.batch_size, weight_decay=p.weight_decay,
@@ -29,8 +29,8 @@ def main() -> None:
     print(f"{args.variant}: {model.num_params() / 1e6:.2f} M parameters; {len(train_ex)} train / "
           f"{len(val_ex)} validation utterances (speaker-disjoint); targets {meta['targets']}")
     with Live(args.live_dir, dvcyaml=None, save_dvc_exp=False) as live:
-        live.log_params({"variant": args.variant, "seed": base.seed, "targets": meta["targets"]})
-        summary = train.fit(model, train_ex, val_ex, cfg, base.seed, args.model_dir, live)
+        live.log_params({"variant": args.variant, "seed": p.seed, "targets": meta["targets"]})
+        summary = train.fit(model, train_ex, val_ex, cfg, p.seed, args.model_dir, live)
         live.summary["best_val_nll"] = summary["best"]["val_nll"]
         live.summary["best_epoch"] = summary["best"]["epoch"]
 

@@ -111,3 +111,56 @@ def test_pretrained_aggregator_matches_whisper_when_keys_equal_values(tiny_whisp
         emb = dec.embed_tokens.weight[ids[:, 2:]]
         ours = model.aggregator(emb, enc, enc, torch.ones(1, 30, dtype=torch.bool))
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_context_layers_read_last_layer_values_and_are_frozen(tiny_whisper):
+    cfg = ModelConfig(vocab_size=16, d_model=32, n_heads=2, n_layers=1, d_ff=64, agg_layers=3, agg_value_layers=1,
+                      agg_heads=6, agg_ffn=1536, dropout=0.0)
+    model = TasteModel(cfg).eval()
+    model.aggregator.init_from_whisper(tiny_whisper)
+    layers = model.aggregator.layers
+    assert not any(p.requires_grad for p in layers[0].parameters()) and not model.aggregator.positions.requires_grad
+    trainable = {n for n, p in layers[2].named_parameters() if p.requires_grad}
+    assert {"encoder_attn.v_proj.weight", "encoder_attn.out_proj.weight", "mlp.fc1.weight"} <= trainable
+    assert not trainable & {"encoder_attn.q_proj.weight", "encoder_attn.k_proj.weight", "self_attn.q_proj.weight",
+                            "encoder_attn_layer_norm.weight"}
+    assert torch.equal(layers[1].encoder_attn.v_proj.weight, tiny_whisper.model.decoder.layers[1].encoder_attn.v_proj.weight)
+    assert torch.equal(layers[2].encoder_attn.v_proj.weight, torch.eye(384))
+    # mid reaches only the last layer: poisoning mid leaves the first two layers' attention untouched.
+    b = _batch(B=1, F=40)
+    mask = torch.ones(1, 40, dtype=torch.bool)
+    for layer in layers:
+        layer.encoder_attn.keep_weights = True
+    model.speech_vectors(b["text_emb"], b["mid"], b["last"], mask)
+    before = [layer.encoder_attn.last_weights for layer in layers]
+    model.speech_vectors(b["text_emb"], b["mid"] * 3 + 1, b["last"], mask)
+    torch.testing.assert_close(layers[1].encoder_attn.last_weights, before[1])
+    torch.testing.assert_close(layers[2].encoder_attn.last_weights, before[2])  # queries come from context
+    out1 = model.speech_vectors(b["text_emb"], b["mid"], b["last"], mask)
+    out2 = model.speech_vectors(b["text_emb"], b["mid"] * 3 + 1, b["last"], mask)
+    assert not torch.allclose(out1, out2)
+
+
+def test_pretrained_aggregator_aligns_text_to_speech(tiny_whisper, tiny_resampled, tmp_path):
+    """On real speech, each token's attention peak moves forward in time with the token (at init)."""
+    import numpy as np
+
+    from taste_pipeline import tables, text
+
+    m = tiny_resampled / "manifest.parquet"
+    whisper.extract_split(m, tmp_path / "w.parquet", whisper.EMBEDDED, None, 4, "cpu", 8)
+    text.extract_split(m, tmp_path / "t.parquet", whisper.EMBEDDED, "lower")
+    w, t = tables.read_whisper(tmp_path / "w.parquet"), tables.read_text(tmp_path / "t.parquet")
+    model = TasteModel(ModelConfig(vocab_size=16, agg_layers=4, agg_value_layers=1, dropout=0.0)).eval()
+    model.aggregator.init_from_whisper(tiny_whisper)
+    attn = model.aggregator.layers[-1].encoder_attn
+    attn.keep_weights = True
+    corr = []
+    for i in range(w.num_rows):
+        f = lambda col, tab: torch.from_numpy(tables.row_matrix(tab, col, i).astype("float32"))[None]  # noqa: E731
+        mid, last, emb = f("mid", w), f("last", w), f("emb", t)
+        with torch.no_grad():
+            model.speech_vectors(emb, mid, last, torch.ones(1, mid.shape[1], dtype=torch.bool))
+        peaks = attn.last_weights[0, :, 2:].mean(0).argmax(-1).numpy()[:-1]  # last token: end of speech
+        corr.append(np.corrcoef(np.arange(len(peaks)), peaks)[0, 1])
+    assert np.mean(corr) > 0.9, corr

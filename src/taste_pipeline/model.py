@@ -35,12 +35,22 @@ class ModelConfig:
     agg_heads: int = 6
     agg_ffn: int = 1536
     agg_init: str = "whisper"  # whisper: the pretrained Whisper decoder's first layers; fresh: random
+    # The last ``agg_value_layers`` aggregator layers take their values from the middle Whisper layer;
+    # the layers before them read keys = values = the last layer, the states the pretrained decoder
+    # was trained on, so they keep its text-to-audio alignment while they contextualize the queries.
+    agg_value_layers: int = 1
+    # Freeze every aggregator weight that decides where a token attends (the context layers, Whisper's
+    # prefix and positions, and the value layers' self-attention, norms, query and key projections).
+    # Trained on a small corpus they drift to attending a few "sink" frames for every token, and the
+    # speech vectors turn into one utterance summary; frozen, each token keeps Whisper's alignment and
+    # only what it reads from the values (v_proj, out_proj, MLP) is learned.
+    agg_freeze_alignment: bool = True
     max_text: int = 448  # aggregator positions, Whisper's prefix included
     d_model: int = 256
     n_heads: int = 4
     n_layers: int = 4
     d_ff: int = 1024
-    max_len: int = 2048  # decoder positions: text + 1 + units + 1
+    max_len: int = 2048  # unit positions: TASK + units (2048 = 41 s at 50 Hz)
     dropout: float = 0.1
 
     @property
@@ -125,6 +135,10 @@ class Aggregator(nn.Module):
         self.layers = nn.ModuleList(AggregatorLayer(d, cfg.agg_heads, cfg.agg_ffn, d, cfg.dropout)
                                     for _ in range(cfg.agg_layers))
         self.layer_norm = nn.LayerNorm(d)
+        if not 1 <= cfg.agg_value_layers <= cfg.agg_layers:
+            raise ValueError(f"train.agg_value_layers: {cfg.agg_value_layers} is not in 1..{cfg.agg_layers}")
+        self.value_layers = cfg.agg_value_layers
+        self.freeze_alignment = cfg.agg_freeze_alignment
 
     def forward(self, text_emb, mid, last, frame_mask):
         B, L, _ = text_emb.shape
@@ -132,13 +146,15 @@ class Aggregator(nn.Module):
         if L + self.PREFIX > len(self.positions):
             raise ValueError(f"{L} text tokens exceed the aggregator's {len(self.positions) - self.PREFIX} positions")
         x = x + self.positions[: L + self.PREFIX]
-        for layer in self.layers:
-            x = layer(x, last, mid, frame_mask)
+        first_mid = len(self.layers) - self.value_layers
+        for i, layer in enumerate(self.layers):
+            x = layer(x, last, mid if i >= first_mid else last, frame_mask)
         return self.layer_norm(x)[:, self.PREFIX :]
 
     @torch.no_grad()
     def init_from_whisper(self, whisper_model) -> None:
-        """Copy the first layers of a transformers Whisper decoder; value projections start as identity."""
+        """Copy the first layers of a transformers Whisper decoder; the mid-value layers' value
+        projections start as identity."""
         dec = whisper_model.model.decoder
         cfg = whisper_model.config
         if len(self.layers) > len(dec.layers):
@@ -155,9 +171,19 @@ class Aggregator(nn.Module):
                 strict=False)
             if unexpected or any("k_proj.bias" not in m for m in missing):
                 raise ValueError(f"Whisper decoder layer does not fit: missing {missing}, unexpected {unexpected}")
+        for ours in self.layers[len(self.layers) - self.value_layers :]:
+            # The values come from another layer than the one v_proj was trained on: start from identity.
             ours.encoder_attn.v_proj.weight.copy_(torch.eye(cfg.d_model))
             ours.encoder_attn.v_proj.bias.zero_()
         self.layer_norm.load_state_dict(dec.layer_norm.state_dict())
+        if self.freeze_alignment:
+            self.prefix.requires_grad_(False)
+            self.positions.requires_grad_(False)
+            first_mid = len(self.layers) - self.value_layers
+            for i, layer in enumerate(self.layers):
+                for name, p in layer.named_parameters():
+                    reads_values = name.startswith(("encoder_attn.v_proj", "encoder_attn.out_proj", "mlp", "final_layer_norm"))
+                    p.requires_grad_(i >= first_mid and reads_values)
 
 
 class Block(nn.Module):
@@ -184,7 +210,10 @@ class TasteModel(nn.Module):
             self.speech_branch = nn.Linear(cfg.d_audio, cfg.d_model)
             self.fusion_logits = nn.Parameter(torch.zeros(2))  # softmax -> equal weights at the start
         self.unit_emb = nn.Embedding(cfg.vocab_size + 2, cfg.d_model)
-        self.pos_emb = nn.Embedding(cfg.max_len, cfg.d_model)
+        # Positions count separately in the text prefix and in the unit stream, so a unit's position is
+        # its time (20 ms steps) whatever the text length: both variants get the same clock.
+        self.text_pos_emb = nn.Embedding(cfg.max_text, cfg.d_model)
+        self.unit_pos_emb = nn.Embedding(cfg.max_len, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.dropout) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
@@ -225,8 +254,8 @@ class TasteModel(nn.Module):
         task = self.unit_emb(torch.full((B, 1), self.cfg.task_id, device=dev))
         unit_in = self.unit_emb(units.clamp(0, self.cfg.vocab_size - 1))
         S = L + 1 + T
-        if S > self.cfg.max_len:
-            raise ValueError(f"sequence of {S} positions exceeds train.max_len {self.cfg.max_len}")
+        if T + 1 > self.cfg.max_len or L > self.cfg.max_text:
+            raise ValueError(f"{L} text tokens / {T} units exceed max_text {self.cfg.max_text} / train.max_len {self.cfg.max_len}")
         x = torch.zeros(B, S, self.cfg.d_model, device=dev)
         pos_in_seq = torch.arange(S, device=dev)[None].expand(B, S)
         is_prefix = pos_in_seq < text_len[:, None]
@@ -237,7 +266,9 @@ class TasteModel(nn.Module):
         is_unit = (rel >= 1) & (rel <= unit_len[:, None])
         x[is_task] = task[:, 0].float()
         x[is_unit] = unit_in[(torch.arange(T, device=dev)[None] < unit_len[:, None])].float()
-        x = self.drop(x + self.pos_emb(pos_in_seq))
+        pos = torch.where(is_prefix[..., None], self.text_pos_emb(pos_in_seq.clamp(max=self.cfg.max_text - 1)),
+                          self.unit_pos_emb(rel.clamp(0, self.cfg.max_len - 1)))
+        x = self.drop(x + pos)
         for block in self.blocks:
             x = block(x)
         h = self.ln_f(x)

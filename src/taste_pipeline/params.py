@@ -88,12 +88,15 @@ class Text:
 class S3:
     source: str = "standin:kmeans"  # or modelscope:iic/CosyVoice-300M, or a path to speech_tokenizer_v1.onnx
     standin_units: int = 128
+    standin_norm: str = "utterance"
     batch_size: int = 8
     device: str = "cpu"
 
     def check(self):
         if self.standin_units < 2:
             raise ParamError(f"s3.standin_units: must be at least 2, got {self.standin_units}")
+        if self.standin_norm not in ("utterance", "global"):
+            raise ParamError(f"s3.standin_norm: {self.standin_norm!r} is not 'utterance' or 'global'")
         if self.batch_size < 1:
             raise ParamError(f"s3.batch_size: must be at least 1, got {self.batch_size}")
 
@@ -116,9 +119,12 @@ class Train:
     n_layers: int = 3
     d_ff: int = 768
     dropout: float = 0.1
-    agg_layers: int = 2
+    agg_layers: int = 4
+    agg_value_layers: int = 1
+    agg_freeze_alignment: bool = True
     agg_init: str = "whisper"
     max_len: int = 2048
+    seed: int = 1337
 
     def check(self):
         if not self.lr > 0:
@@ -130,6 +136,8 @@ class Train:
             raise ParamError(f"train.d_model: {self.d_model} is not divisible by train.n_heads {self.n_heads}")
         if not 0 <= self.dropout < 1:
             raise ParamError(f"train.dropout: must be in [0, 1), got {self.dropout}")
+        if not 1 <= self.agg_value_layers <= self.agg_layers:
+            raise ParamError(f"train.agg_value_layers: {self.agg_value_layers} is not in 1..train.agg_layers ({self.agg_layers})")
         if self.agg_init not in ("whisper", "fresh"):
             raise ParamError(f"train.agg_init: {self.agg_init!r} is not 'whisper' or 'fresh'")
         if sorted(self.variants) != ["taste", "text_only"]:

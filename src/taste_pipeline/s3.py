@@ -27,8 +27,11 @@ S3_CODES = 4096
 S3_NAME = "cosyvoice-300m-speech_tokenizer_v1"
 
 
-def standin_name(units: int) -> str:
-    return f"standin-kmeans{units}-logmel128 (not S3)"
+NORMS = ("utterance", "global")
+
+
+def standin_name(units: int, norm: str = "utterance") -> str:
+    return f"standin-kmeans{units}-logmel128{'-cmvn' if norm == 'utterance' else ''} (not S3)"
 
 
 def log_mel(audio: np.ndarray) -> torch.Tensor:
@@ -107,32 +110,49 @@ def pooled_log_mel(audio: np.ndarray) -> np.ndarray:
     return mel[:need].reshape(frames, 2, 128).mean(axis=1)
 
 
-class StandinUnits:
-    """k-means over normalized pooled 128-bin log-mel: 50 Hz discrete units that depend on the audio."""
+def _cmvn(feats: np.ndarray) -> np.ndarray:
+    return (feats - feats.mean(0)) / (feats.std(0) + 1e-5)
 
-    def __init__(self, centroids: np.ndarray, mean: np.ndarray, std: np.ndarray):
+
+class StandinUnits:
+    """k-means over normalized pooled 128-bin log-mel: 50 Hz discrete units that depend on the audio.
+
+    ``norm="utterance"`` first removes each utterance's mean and variance per mel bin (CMVN), which
+    takes out much of the voice and channel, so units lean towards content, as S3 tokens do;
+    ``"global"`` keeps the voice in the units.
+    """
+
+    def __init__(self, centroids: np.ndarray, mean: np.ndarray, std: np.ndarray, norm: str = "utterance"):
+        if norm not in NORMS:
+            raise ValueError(f"s3.standin_norm: {norm!r} is not one of {NORMS}")
         self.centroids = torch.from_numpy(np.asarray(centroids, np.float32))
         self.mean, self.std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+        self.norm = norm
         self.vocab_size = len(centroids)
-        self.name = standin_name(self.vocab_size)
+        self.name = standin_name(self.vocab_size, norm)
+
+    def features(self, audio: np.ndarray) -> np.ndarray:
+        f = pooled_log_mel(audio)
+        return _cmvn(f) if self.norm == "utterance" else f
 
     @classmethod
-    def fit(cls, audios: list[np.ndarray], units: int, seed: int, max_frames: int = 200_000) -> "StandinUnits":
+    def fit(cls, audios: list[np.ndarray], units: int, seed: int, norm: str = "utterance",
+            max_frames: int = 200_000) -> "StandinUnits":
         from sklearn.cluster import KMeans
 
-        feats = np.concatenate([pooled_log_mel(a) for a in audios])
+        feats = np.concatenate([_cmvn(pooled_log_mel(a)) if norm == "utterance" else pooled_log_mel(a) for a in audios])
         mean, std = feats.mean(0), feats.std(0) + 1e-5
         x = (feats - mean) / std
         if len(x) > max_frames:
             x = x[np.random.default_rng(seed).choice(len(x), max_frames, replace=False)]
         km = KMeans(n_clusters=units, n_init=1, max_iter=100, random_state=seed).fit(x)
         order = np.argsort(km.cluster_centers_[:, 0], kind="stable")  # ids independent of k-means' labelling
-        return cls(km.cluster_centers_[order], mean, std)
+        return cls(km.cluster_centers_[order], mean, std, norm)
 
     def tokenize(self, audios: list[np.ndarray]) -> list[np.ndarray]:
         out = []
         for a in audios:
-            x = torch.from_numpy((pooled_log_mel(a) - self.mean) / self.std)
+            x = torch.from_numpy((self.features(a) - self.mean) / self.std)
             out.append(torch.cdist(x, self.centroids).argmin(1).numpy().astype(np.int32))
         return out
 
@@ -143,14 +163,18 @@ class StandinUnits:
 
         with atomic_path(path) as tmp:
             save_file({"centroids": self.centroids.numpy(), "mean": self.mean, "std": self.std}, str(tmp),
-                      metadata={"name": self.name})
+                      metadata={"name": self.name, "norm": self.norm})
 
     @classmethod
     def load(cls, path: str | Path) -> "StandinUnits":
         from safetensors.numpy import load_file
 
+        from safetensors import safe_open
+
+        with safe_open(str(path), "np") as f:
+            norm = f.metadata()["norm"]
         t = load_file(str(path))
-        return cls(t["centroids"], t["mean"], t["std"])
+        return cls(t["centroids"], t["mean"], t["std"], norm)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,7 +184,8 @@ STANDIN_FILE = "standin_kmeans.safetensors"
 INFO_FILE = "tokenizer.json"
 
 
-def prepare_tokenizer(source: str, out_dir: str | Path, train_manifest: str | Path, units: int, seed: int) -> dict:
+def prepare_tokenizer(source: str, out_dir: str | Path, train_manifest: str | Path, units: int, seed: int,
+                      norm: str = "utterance") -> dict:
     """Stage s3_tokenizer: fetch the S3 model or fit the stand-in on the train split. Writes tokenizer.json."""
     from . import audio, tables
 
@@ -169,7 +194,7 @@ def prepare_tokenizer(source: str, out_dir: str | Path, train_manifest: str | Pa
     if source == STANDIN:
         manifest_path = Path(train_manifest)
         rows = tables.read_manifest(manifest_path).to_pylist()
-        tok = StandinUnits.fit([audio.load_utterance(manifest_path.parent, r) for r in rows], units, seed)
+        tok = StandinUnits.fit([audio.load_utterance(manifest_path.parent, r) for r in rows], units, seed, norm)
         tok.save(out_dir / STANDIN_FILE)
         info = {"name": tok.name, "kind": "standin", "file": STANDIN_FILE, "vocab_size": tok.vocab_size,
                 "fitted_on": str(manifest_path)}

@@ -185,8 +185,9 @@ def fit(model: TasteModel, train_ex: list[Example], val_ex: list[Example], cfg: 
     rng = random.Random(seed)
     torch.manual_seed(seed)
     model.to(cfg.device)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
     steps_per_epoch = math.ceil(len(train_ex) / cfg.batch_size)
@@ -206,7 +207,7 @@ def fit(model: TasteModel, train_ex: list[Example], val_ex: list[Example], cfg: 
                 _, targets, loss = model(batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
             n = int((targets != -100).sum())
             losses, counts = losses + loss.item() * n, counts + n
@@ -242,7 +243,8 @@ def fit(model: TasteModel, train_ex: list[Example], val_ex: list[Example], cfg: 
 def build_model(variant: str, vocab_size: int, d_query: int, d_audio: int, p, whisper_model: str | None) -> TasteModel:
     """A fresh model from the ``train`` params; the aggregator starts from Whisper when asked."""
     cfg = ModelConfig(variant=variant, vocab_size=vocab_size, d_query=d_query, d_audio=d_audio,
-                      agg_layers=p.agg_layers, agg_init=p.agg_init, d_model=p.d_model, n_heads=p.n_heads,
+                      agg_layers=p.agg_layers, agg_value_layers=p.agg_value_layers,
+                      agg_freeze_alignment=p.agg_freeze_alignment, agg_init=p.agg_init, d_model=p.d_model, n_heads=p.n_heads,
                       n_layers=p.n_layers, d_ff=p.d_ff, max_len=p.max_len, dropout=p.dropout)
     if variant == "taste" and p.agg_init == "whisper":
         from . import whisper
