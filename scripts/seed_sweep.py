@@ -1,0 +1,65 @@
+"""Train and evaluate the default pipeline over several training seeds with `dvc exp run`, then print
+mean and standard deviation of the headline metrics and of the taste - control gaps.
+
+    python scripts/seed_sweep.py 1 2 3          # runs one experiment per seed (train + evaluate)
+    python scripts/seed_sweep.py --report-only  # summarize experiments that already ran
+
+Each seed is an ordinary DVC experiment (`dvc exp run -S train.seed=N --name seed-N`), so
+`dvc exp show` lists them too. The workspace result (default seed) counts as one of the seeds.
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+
+KEYS = ["top1_acc", "change_top1_acc", "nll", "text_only_top1_acc", "text_only_change_top1_acc", "text_only_nll",
+        "shuffled_speech_top1_acc", "shuffled_speech_change_top1_acc", "shuffled_speech_nll", "copy_prev_top1_acc"]
+
+
+def experiments() -> dict[str, dict]:
+    out = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], check=True, capture_output=True, text=True).stdout)
+    runs = {}
+    for rev in out:
+        candidates = [rev] + [e for exp in (rev.get("experiments") or []) for e in exp.get("revs", [])]
+        for c in candidates:
+            data = c.get("data") or {}
+            seed = (((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}).get("train", {}).get("seed")
+            metrics = (((data.get("metrics") or {}).get("metrics/eval.json") or {}).get("data")) or {}
+            if seed is not None and metrics:
+                runs[c.get("name") or data.get("rev", "?")] = {"seed": seed, **metrics}
+    return runs
+
+
+def report(runs: dict[str, dict]) -> None:
+    by_seed = {}
+    for r in runs.values():
+        by_seed.setdefault(r["seed"], r)  # one row per seed
+    rows = list(by_seed.values())
+    print(f"seeds: {sorted(by_seed)}; targets: {rows[0].get('targets')}; test utterances: {rows[0].get('num_utterances')}")
+    fmt = lambda xs: f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs) if len(xs) > 1 else 0:.4f}"  # noqa: E731
+    print("| metric | taste | text_only | shuffled_speech |\n|---|---|---|---|")
+    for m in ("top1_acc", "change_top1_acc", "nll"):
+        print(f"| {m} | {fmt([r[m] for r in rows])} | {fmt([r['text_only_' + m] for r in rows])} | "
+              f"{fmt([r['shuffled_speech_' + m] for r in rows])} |")
+    print(f"| copy_prev top1_acc | {fmt([r['copy_prev_top1_acc'] for r in rows])} | | |")
+    for ctrl in ("text_only", "shuffled_speech"):
+        for m, sign in (("change_top1_acc", 1), ("nll", -1)):
+            gaps = [sign * (r[m] - r[f"{ctrl}_{m}"]) for r in rows]
+            print(f"gap taste vs {ctrl} on {m} (positive = taste better), per seed: "
+                  f"{[round(g, 4) for g in gaps]}  mean {fmt(gaps)}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("seeds", nargs="*", type=int)
+    ap.add_argument("--report-only", action="store_true")
+    args = ap.parse_args()
+    if not args.report_only:
+        for s in args.seeds:
+            subprocess.run(["dvc", "exp", "run", "--temp", "-S", f"train.seed={s}", "--name", f"seed-{s}"], check=True)
+    report(experiments())
+
+
+if __name__ == "__main__":
+    main()
