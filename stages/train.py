@@ -23,14 +23,11 @@ def main() -> None:
     train_ex, val_ex = train.speaker_split(examples, p.val_speakers, p.seed)
     model = train.build_model(args.variant, int(meta["vocab_size"]), examples[0].text_emb.shape[1],
                               examples[0].mid.shape[1], p, w.model)
-    cfg = train.TrainConfig(lr=p.lr, epochs=p.epochs, batch_size=p.batch_size, weight_decay=p.weight_decay,
-                            warmup_steps=p.warmup_steps, grad_clip=p.grad_clip, patience=p.patience,
-                            val_speakers=p.val_speakers, device=p.device, amp=p.amp)
     print(f"{args.variant}: {model.num_params() / 1e6:.2f} M parameters; {len(train_ex)} train / "
           f"{len(val_ex)} validation utterances (speaker-disjoint); targets {meta['targets']}")
     with Live(args.live_dir, dvcyaml=None, save_dvc_exp=False) as live:
         live.log_params({"variant": args.variant, "seed": p.seed, "targets": meta["targets"]})
-        summary = train.fit(model, train_ex, val_ex, cfg, p.seed, args.model_dir, live)
+        summary = train.fit(model, train_ex, val_ex, p, args.model_dir, live)
         live.summary["best_val_nll"] = summary["best"]["val_nll"]
         live.summary["best_epoch"] = summary["best"]["epoch"]
 

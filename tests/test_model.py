@@ -98,7 +98,8 @@ def test_whisper_init_copies_the_decoder_and_sets_value_identity(tiny_whisper):
 
 def test_pretrained_aggregator_matches_whisper_when_keys_equal_values(tiny_whisper):
     """With K = V = the last layer and v_proj restored, our layers compute Whisper's decoder states."""
-    cfg = ModelConfig(vocab_size=16, agg_layers=4, agg_heads=6, agg_ffn=1536, dropout=0.0)
+    cfg = ModelConfig(vocab_size=16, agg_layers=4, agg_heads=6, agg_ffn=1536, dropout=0.0, agg_output="residual",
+                      agg_value_layers=4, agg_freeze_alignment=False)
     model = TasteModel(cfg).eval()
     model.aggregator.init_from_whisper(tiny_whisper)
     dec = tiny_whisper.model.decoder
@@ -164,3 +165,17 @@ def test_pretrained_aggregator_aligns_text_to_speech(tiny_whisper, tiny_resample
         peaks = attn.last_weights[0, :, 2:].mean(0).argmax(-1).numpy()[:-1]  # last token: end of speech
         corr.append(np.corrcoef(np.arange(len(peaks)), peaks)[0, 1])
     assert np.mean(corr) > 0.9, corr
+
+
+def test_text_dropout_acts_only_in_training():
+    model, batch = _model("taste", text_dropout=0.999), _batch()
+    mask = torch.arange(40)[None] < batch["frame_len"][:, None]
+    args = (batch["text_emb"], batch["mid"], batch["last"], mask)
+    evaluated = model.prefix(*args)
+    model.train()
+    torch.manual_seed(0)
+    trained = model.prefix(*args)
+    w = model.fusion_logits.softmax(0)
+    speech_only = w[1] * model.speech_branch(model.speech_vectors(*args[:3], mask))
+    torch.testing.assert_close(trained, speech_only)
+    assert not torch.allclose(evaluated, speech_only)

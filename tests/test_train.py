@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from taste_pipeline import train
+from taste_pipeline.params import Train
 from taste_pipeline.model import ModelConfig, TasteModel
 
 
@@ -32,8 +33,8 @@ def _model(variant="taste"):
 def test_a_tiny_training_run_lowers_the_loss(tmp_path):
     ex = _examples()
     tr, va = train.speaker_split(ex, 1, seed=0)
-    cfg = train.TrainConfig(lr=3e-3, epochs=6, batch_size=4, warmup_steps=2, patience=10, amp=False)
-    summary = train.fit(_model(), tr, va, cfg, seed=0, out_dir=tmp_path)
+    cfg = Train(lr=3e-3, epochs=6, batch_size=4, warmup_steps=2, patience=10, amp=False, seed=0)
+    summary = train.fit(_model(), tr, va, cfg, out_dir=tmp_path)
     h = summary["history"]
     assert h[-1]["train_loss"] < 0.8 * h[0]["train_loss"]
     assert summary["best"]["val_nll"] == min(r["val_nll"] for r in h)
@@ -43,11 +44,11 @@ def test_a_tiny_training_run_lowers_the_loss(tmp_path):
 def test_training_is_deterministic_and_checkpoints_round_trip(tmp_path):
     ex = _examples()
     tr, va = train.speaker_split(ex, 1, seed=0)
-    cfg = train.TrainConfig(lr=3e-3, epochs=2, batch_size=4, warmup_steps=2, amp=False)
+    cfg = Train(lr=3e-3, epochs=2, batch_size=4, warmup_steps=2, amp=False, seed=5)
     runs = []
     for name in ("a", "b"):
         m = _model()
-        train.fit(m, tr, va, cfg, seed=5, out_dir=tmp_path / name)
+        train.fit(m, tr, va, cfg, out_dir=tmp_path / name)
         runs.append(train.predict(train.load_checkpoint(tmp_path / name)[0], va, 4))
     for p, q in zip(*runs):
         np.testing.assert_array_equal(p["nll"], q["nll"])

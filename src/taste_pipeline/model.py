@@ -45,12 +45,23 @@ class ModelConfig:
     # speech vectors turn into one utterance summary; frozen, each token keeps Whisper's alignment and
     # only what it reads from the values (v_proj, out_proj, MLP) is learned.
     agg_freeze_alignment: bool = True
+    # "attention": a token's speech vector is what its value-layer cross-attention read (attention over
+    # mid-layer frames, after v_proj/out_proj); "residual": the aggregator's final hidden state, which
+    # also carries the token's text identity through the residual stream.
+    agg_output: str = "attention"
     max_text: int = 448  # aggregator positions, Whisper's prefix included
     d_model: int = 256
     n_heads: int = 4
     n_layers: int = 4
     d_ff: int = 1024
     max_len: int = 2048  # unit positions: TASK + units (2048 = 41 s at 50 Hz)
+    # "whisper_sinusoid": a unit's position is a learned projection of the same sinusoid that Whisper's
+    # encoder adds to frame t, so the decoder's clock and the time code inside the speech vectors share
+    # one basis (the output at unit position t predicts the unit of frame t). "learned": a free table.
+    unit_positions: str = "whisper_sinusoid"
+    # Training only: the chance that an utterance's text branch is zeroed in the fused prefix, so the
+    # decoder has to learn to read the speech vectors instead of memorizing from text alone.
+    text_dropout: float = 0.0
     dropout: float = 0.1
 
     @property
@@ -60,6 +71,13 @@ class ModelConfig:
     @property
     def task_id(self) -> int:
         return self.vocab_size + 1
+
+
+def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> torch.Tensor:
+    """Whisper's encoder positional table: (length, channels), sin half then cos half."""
+    inv = torch.exp(-math.log(max_timescale) / (channels // 2 - 1) * torch.arange(channels // 2))
+    t = torch.arange(length)[:, None] * inv[None, :]
+    return torch.cat([torch.sin(t), torch.cos(t)], dim=1)
 
 
 class Attention(nn.Module):
@@ -116,9 +134,11 @@ class AggregatorLayer(nn.Module):
         self.final_layer_norm, self.mlp = nn.LayerNorm(d), MLP(d, d_ff, dropout)
 
     def forward(self, x, keys, values, frame_mask):
+        """Returns the new hidden state and what the cross-attention read."""
         x = x + self.self_attn(self.self_attn_layer_norm(x), causal=True)
-        x = x + self.encoder_attn(self.encoder_attn_layer_norm(x), keys, values, key_mask=frame_mask)
-        return x + self.mlp(self.final_layer_norm(x))
+        read = self.encoder_attn(self.encoder_attn_layer_norm(x), keys, values, key_mask=frame_mask)
+        x = x + read
+        return x + self.mlp(self.final_layer_norm(x)), read
 
 
 class Aggregator(nn.Module):
@@ -139,6 +159,9 @@ class Aggregator(nn.Module):
             raise ValueError(f"train.agg_value_layers: {cfg.agg_value_layers} is not in 1..{cfg.agg_layers}")
         self.value_layers = cfg.agg_value_layers
         self.freeze_alignment = cfg.agg_freeze_alignment
+        if cfg.agg_output not in ("attention", "residual"):
+            raise ValueError(f"train.agg_output: {cfg.agg_output!r} is not attention or residual")
+        self.output = cfg.agg_output
 
     def forward(self, text_emb, mid, last, frame_mask):
         B, L, _ = text_emb.shape
@@ -147,9 +170,13 @@ class Aggregator(nn.Module):
             raise ValueError(f"{L} text tokens exceed the aggregator's {len(self.positions) - self.PREFIX} positions")
         x = x + self.positions[: L + self.PREFIX]
         first_mid = len(self.layers) - self.value_layers
+        reads = []
         for i, layer in enumerate(self.layers):
-            x = layer(x, last, mid if i >= first_mid else last, frame_mask)
-        return self.layer_norm(x)[:, self.PREFIX :]
+            x, read = layer(x, last, mid if i >= first_mid else last, frame_mask)
+            if i >= first_mid:
+                reads.append(read)
+        out = torch.stack(reads).sum(0) if self.output == "attention" else self.layer_norm(x)
+        return out[:, self.PREFIX :]
 
     @torch.no_grad()
     def init_from_whisper(self, whisper_model) -> None:
@@ -213,7 +240,13 @@ class TasteModel(nn.Module):
         # Positions count separately in the text prefix and in the unit stream, so a unit's position is
         # its time (20 ms steps) whatever the text length: both variants get the same clock.
         self.text_pos_emb = nn.Embedding(cfg.max_text, cfg.d_model)
-        self.unit_pos_emb = nn.Embedding(cfg.max_len, cfg.d_model)
+        if cfg.unit_positions == "whisper_sinusoid":
+            self.register_buffer("unit_clock", sinusoids(cfg.max_len, cfg.d_audio), persistent=False)
+            self.unit_pos = nn.Linear(cfg.d_audio, cfg.d_model, bias=False)
+        elif cfg.unit_positions == "learned":
+            self.unit_pos_emb = nn.Embedding(cfg.max_len, cfg.d_model)
+        else:
+            raise ValueError(f"train.unit_positions: {cfg.unit_positions!r} is not whisper_sinusoid or learned")
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.dropout) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
@@ -230,6 +263,9 @@ class TasteModel(nn.Module):
             return text
         speech = self.speech_branch(self.speech_vectors(text_emb, mid, last, frame_mask))
         w = self.fusion_logits.softmax(0)
+        if self.training and self.cfg.text_dropout > 0:
+            keep = torch.rand(text.shape[0], 1, 1, device=text.device) >= self.cfg.text_dropout
+            text = text * keep
         return w[0] * text + w[1] * speech
 
     def forward(self, batch: dict, reduction: str = "mean"):
@@ -266,8 +302,10 @@ class TasteModel(nn.Module):
         is_unit = (rel >= 1) & (rel <= unit_len[:, None])
         x[is_task] = task[:, 0].float()
         x[is_unit] = unit_in[(torch.arange(T, device=dev)[None] < unit_len[:, None])].float()
-        pos = torch.where(is_prefix[..., None], self.text_pos_emb(pos_in_seq.clamp(max=self.cfg.max_text - 1)),
-                          self.unit_pos_emb(rel.clamp(0, self.cfg.max_len - 1)))
+        clock = rel.clamp(0, self.cfg.max_len - 1)
+        unit_pos = (self.unit_pos(self.unit_clock[clock]) if self.cfg.unit_positions == "whisper_sinusoid"
+                    else self.unit_pos_emb(clock))
+        pos = torch.where(is_prefix[..., None], self.text_pos_emb(pos_in_seq.clamp(max=self.cfg.max_text - 1)), unit_pos)
         x = self.drop(x + pos)
         for block in self.blocks:
             x = block(x)

@@ -122,7 +122,10 @@ class Train:
     agg_layers: int = 4
     agg_value_layers: int = 1
     agg_freeze_alignment: bool = True
+    agg_output: str = "attention"
     agg_init: str = "whisper"
+    unit_positions: str = "whisper_sinusoid"
+    text_dropout: float = 0.0
     max_len: int = 2048
     seed: int = 1337
 
@@ -134,10 +137,16 @@ class Train:
                 raise ParamError(f"train.{name}: must be at least 1, got {getattr(self, name)}")
         if self.d_model % self.n_heads:
             raise ParamError(f"train.d_model: {self.d_model} is not divisible by train.n_heads {self.n_heads}")
+        if not 0 <= self.text_dropout < 1:
+            raise ParamError(f"train.text_dropout: must be in [0, 1), got {self.text_dropout}")
         if not 0 <= self.dropout < 1:
             raise ParamError(f"train.dropout: must be in [0, 1), got {self.dropout}")
         if not 1 <= self.agg_value_layers <= self.agg_layers:
             raise ParamError(f"train.agg_value_layers: {self.agg_value_layers} is not in 1..train.agg_layers ({self.agg_layers})")
+        if self.agg_output not in ("attention", "residual"):
+            raise ParamError(f"train.agg_output: {self.agg_output!r} is not 'attention' or 'residual'")
+        if self.unit_positions not in ("whisper_sinusoid", "learned"):
+            raise ParamError(f"train.unit_positions: {self.unit_positions!r} is not 'whisper_sinusoid' or 'learned'")
         if self.agg_init not in ("whisper", "fresh"):
             raise ParamError(f"train.agg_init: {self.agg_init!r} is not 'whisper' or 'fresh'")
         if sorted(self.variants) != ["taste", "text_only"]:

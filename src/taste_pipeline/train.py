@@ -7,6 +7,7 @@ copying the previous unit, so it is too noisy to stop on.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -18,6 +19,7 @@ import torch
 
 from . import tables
 from .model import ModelConfig, TasteModel
+from .params import Train
 
 
 @dataclass
@@ -128,25 +130,11 @@ def summarize(preds: list[dict]) -> dict:
     return {"nll": float(nll.mean()), "top1_acc": float(hit.mean())}
 
 
-@dataclass
-class TrainConfig:
-    lr: float = 1e-3
-    epochs: int = 20
-    batch_size: int = 16
-    weight_decay: float = 0.01
-    warmup_steps: int = 100
-    grad_clip: float = 1.0
-    patience: int = 5
-    val_speakers: int = 1
-    device: str = "cpu"
-    amp: bool = True  # bfloat16 autocast (CPU and CUDA); weights and optimizer stay float32
-
-
 def autocast(device: str, enabled: bool):
     return torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=enabled)
 
 
-def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, total: int, cfg: Train) -> float:
     """Linear warmup, then cosine decay to a tenth of the peak."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -176,12 +164,13 @@ def load_checkpoint(model_dir: str | Path, device: str = "cpu") -> tuple[TasteMo
     return model.to(device).eval(), info
 
 
-def fit(model: TasteModel, train_ex: list[Example], val_ex: list[Example], cfg: TrainConfig, seed: int,
-        out_dir: str | Path, live=None) -> dict:
-    """Train with AdamW; keep the best-validation-NLL weights in ``out_dir``; returns a summary."""
+def fit(model: TasteModel, train_ex: list[Example], val_ex: list[Example], cfg: Train, out_dir: str | Path,
+        live=None) -> dict:
+    """Train with AdamW (the ``train`` params); keep the best-validation-NLL weights in ``out_dir``."""
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
+    seed = cfg.seed
     rng = random.Random(seed)
     torch.manual_seed(seed)
     model.to(cfg.device)
@@ -227,7 +216,7 @@ def fit(model: TasteModel, train_ex: list[Example], val_ex: list[Example], cfg: 
         bar.write(f"epoch {epoch}: train {record['train_loss']:.3f}  val nll {val['nll']:.3f}  val top1 {val['top1_acc']:.3f}")
         if val["nll"] < best["val_nll"]:
             best = {"val_nll": val["nll"], "val_top1_acc": val["top1_acc"], "epoch": epoch}
-            save_checkpoint(model, out_dir, {"best": best, "seed": seed, "train": cfg.__dict__})
+            save_checkpoint(model, out_dir, {"best": best, "seed": seed, "train": dataclasses.asdict(cfg)})
             bad_epochs = 0
         else:
             bad_epochs += 1
@@ -240,11 +229,13 @@ def fit(model: TasteModel, train_ex: list[Example], val_ex: list[Example], cfg: 
     return {"best": best, "history": history, "steps": step}
 
 
-def build_model(variant: str, vocab_size: int, d_query: int, d_audio: int, p, whisper_model: str | None) -> TasteModel:
+def build_model(variant: str, vocab_size: int, d_query: int, d_audio: int, p: Train,
+                whisper_model: str | None) -> TasteModel:
     """A fresh model from the ``train`` params; the aggregator starts from Whisper when asked."""
     cfg = ModelConfig(variant=variant, vocab_size=vocab_size, d_query=d_query, d_audio=d_audio,
                       agg_layers=p.agg_layers, agg_value_layers=p.agg_value_layers,
-                      agg_freeze_alignment=p.agg_freeze_alignment, agg_init=p.agg_init, d_model=p.d_model, n_heads=p.n_heads,
+                      agg_freeze_alignment=p.agg_freeze_alignment, agg_output=p.agg_output, agg_init=p.agg_init,
+                      unit_positions=p.unit_positions, text_dropout=p.text_dropout if variant == "taste" else 0.0, d_model=p.d_model, n_heads=p.n_heads,
                       n_layers=p.n_layers, d_ff=p.d_ff, max_len=p.max_len, dropout=p.dropout)
     if variant == "taste" and p.agg_init == "whisper":
         from . import whisper
