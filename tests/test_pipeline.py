@@ -16,7 +16,10 @@ ROOT = Path(__file__).parents[1]
 
 def _run(cmd, cwd):
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    return subprocess.run(cmd, cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc.stdout
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +38,9 @@ def repo(tmp_path_factory):
     (repo / "params.yaml").write_text(yaml.safe_dump(p))
     _run(["git", "init", "-q"], repo)
     _run(["dvc", "init", "-q"], repo)
+    # A user's clone has history; DVCLive and `dvc exp` need at least one commit.
+    _run(["git", "add", "-A"], repo)
+    _run(["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid", "commit", "-q", "-m", "init"], repo)
     _run(["dvc", "repro"], repo)
     return repo
 
@@ -77,3 +83,14 @@ def test_second_repro_does_nothing(repo):
 def test_single_split_target(repo):
     out = _run(["dvc", "repro", "-f", "-s", "resample@sample-test"], repo)
     assert "Running stage 'resample@sample-test'" in out and "sample-train" not in out
+
+
+def test_experiment_with_a_changed_param_is_listed(repo):
+    import json
+
+    _run(["dvc", "exp", "run", "-S", "train.lr=0.002", "--name", "lr-test"], repo)
+    shown = json.loads(_run(["dvc", "exp", "show", "--json"], repo))
+    exps = [e for rev in shown for exp in (rev.get("experiments") or []) for e in exp.get("revs", [])]
+    lr = [e["data"]["params"]["params.yaml"]["data"]["train"]["lr"] for e in exps if e.get("name") == "lr-test"]
+    assert lr == [0.002]
+    assert "Running stage 'train@taste'" not in _run(["dvc", "repro"], repo)  # the workspace holds the exp's result
