@@ -21,7 +21,9 @@ def experiments() -> dict[str, dict]:
     out = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], check=True, capture_output=True, text=True).stdout)
     runs = {}
     for rev in out:
-        candidates = [rev] + [e for exp in (rev.get("experiments") or []) for e in exp.get("revs", [])]
+        # The workspace and the experiments; not the baseline commit, whose committed metrics may be stale.
+        candidates = ([rev] if rev.get("rev") == "workspace" else []) + [
+            e for exp in (rev.get("experiments") or []) for e in exp.get("revs", [])]
         for c in candidates:
             data = c.get("data") or {}
             seed = (((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}).get("train", {}).get("seed")
@@ -35,7 +37,7 @@ def report(runs: dict[str, dict]) -> None:
     by_seed = {}
     for r in runs.values():
         by_seed.setdefault(r["seed"], r)  # one row per seed
-    rows = list(by_seed.values())
+    rows = [by_seed[s] for s in sorted(by_seed)]
     print(f"seeds: {sorted(by_seed)}; targets: {rows[0].get('targets')}; test utterances: {rows[0].get('num_utterances')}")
     fmt = lambda xs: f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs) if len(xs) > 1 else 0:.4f}"  # noqa: E731
     print("| metric | taste | text_only | shuffled_speech |\n|---|---|---|---|")

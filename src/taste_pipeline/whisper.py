@@ -295,9 +295,10 @@ def extract_split(manifest_path: str | Path, out_path: str | Path, model_name: s
                            batch_size, resolve_device(device))
     schema = tables.whisper_schema(states.width, states.width)
     meta = model_info(model_name, model, states.mid_layer)
+    # Count samples (integers) so the bar never overshoots by float rounding; show them as seconds.
     with tables.TableWriter(out_path, schema, meta) as writer, \
-            tqdm(total=sum(r["duration"] for r in manifest), unit="audio-s", desc=f"whisper {manifest_path.parent.name}",
-                 bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} {unit} [{elapsed}<{remaining}]") as bar:
+            tqdm(total=sum(r["num_samples"] for r in manifest), unit="audio-s", unit_scale=1 / SAMPLE_RATE,
+                 desc=f"whisper {manifest_path.parent.name}") as bar:
         for sl in iter_batches(len(manifest), rows_per_group):
             rows = manifest[sl]
             encoded = states([audio.load_utterance(manifest_path.parent, r) for r in rows])
@@ -307,5 +308,5 @@ def extract_split(manifest_path: str | Path, out_path: str | Path, model_name: s
                 "mid": tables.matrix_column([m for m, _ in encoded], states.width),
                 "last": tables.matrix_column([l for _, l in encoded], states.width),
             })
-            bar.update(sum(r["duration"] for r in rows))
+            bar.update(sum(r["num_samples"] for r in rows))
     return writer.num_rows
