@@ -84,36 +84,38 @@ def _plt():
     return plt
 
 
-def plot_per_position(curves: dict[str, list[dict]], path) -> None:
+def _line_plot(path, xlabel: str, ylabel: str, title: str, draw) -> None:
+    """One 7x4 line chart with grid and legend; ``draw(ax)`` adds the lines."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4))
-    for name, rows in curves.items():
-        ax.plot([r["seconds"] for r in rows], [r["top1_acc"] for r in rows], marker=".", label=name)
-    ax.set_xlabel("position in the utterance (s)")
-    ax.set_ylabel("top-1 accuracy (teacher-forced)")
-    ax.set_title("Accuracy by position, test split")
+    draw(ax)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_per_position(curves: dict[str, list[dict]], path) -> None:
+    def draw(ax):
+        for name, rows in curves.items():
+            ax.plot([r["seconds"] for r in rows], [r["top1_acc"] for r in rows], marker=".", label=name)
+
+    _line_plot(path, "position in the utterance (s)", "top-1 accuracy (teacher-forced)",
+               "Accuracy by position, test split", draw)
 
 
 def plot_losses(histories: dict[str, list[dict]], path) -> None:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, rows in histories.items():
-        line, = ax.plot([r["epoch"] + 1 for r in rows], [r["train_loss"] for r in rows], label=f"{name} train")
-        ax.plot([r["epoch"] + 1 for r in rows], [r["val_nll"] for r in rows], "--", color=line.get_color(),
-                label=f"{name} validation")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("cross-entropy per unit (nats)")
-    ax.set_title("Training and speaker-disjoint validation loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    def draw(ax):
+        for name, rows in histories.items():
+            epochs = [r["epoch"] + 1 for r in rows]
+            line, = ax.plot(epochs, [r["train_loss"] for r in rows], label=f"{name} train")
+            ax.plot(epochs, [r["val_nll"] for r in rows], "--", color=line.get_color(), label=f"{name} validation")
+
+    _line_plot(path, "epoch", "cross-entropy per unit (nats)", "Training and speaker-disjoint validation loss", draw)
 
 
 def plot_attention(weights: np.ndarray, tokens: list[str], title: str, path) -> None:
