@@ -69,3 +69,31 @@ def test_unknown_voice_is_a_clear_error(tmp_path):
 
     with pytest.raises(ValueError, match="no voice 'xx-nonexistent'"):
         corpus.synthesize(tmp_path, "a", "b", 2, 1, ["xx-nonexistent"], ["en-us"], 1, 0.1, 300, 0)
+
+
+def test_every_default_voice_is_reproducible_across_processes():
+    """The same text in each params.yaml voice, synthesized in two processes, gives the same samples."""
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).parents[1]
+    syn = yaml.safe_load((root / "params.yaml").read_text())["synthesize"]
+    voices = syn["train_voices"] + syn["test_voices"]
+    code = ("import sys, hashlib; from taste_pipeline import corpus; e = corpus.Espeak(); out = []\n"
+            "for v in sys.argv[1:]:\n"
+            "    e.set_voice(v); a = e.synth('<speak>a quiet <break time=\"150ms\"/> garden gate</speak>', 170, 50, 50)\n"
+            "    out.append(hashlib.md5(a.tobytes()).hexdigest())\n"
+            "print(' '.join(out))")
+    runs = [subprocess.run([sys.executable, "-c", code, *voices], check=True, capture_output=True, text=True).stdout
+            for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+def test_breath_noise_variants_are_refused(tmp_path):
+    import pytest
+
+    from taste_pipeline import corpus
+
+    with pytest.raises(ValueError, match="breath noise"):
+        corpus.synthesize(tmp_path, "a", "b", 2, 1, ["en-us+f2"], ["en-us"], 1, 0.1, 300, 0)

@@ -172,6 +172,23 @@ class Espeak:
         if self._lib.espeak_SetVoiceByName(name.encode()) != 0:
             raise ValueError(f"synthesize: espeak-ng has no voice {name!r}")
 
+    @staticmethod
+    def check_reproducible(name: str) -> None:
+        """Refuse voice variants with breath noise: their samples differ from process to process
+        (measured: en-us+f2 and +f3 give other audio on every run), so the corpus would not be
+        reproducible."""
+        import espeakng_loader
+
+        if "+" not in name:
+            return
+        variant = Path(espeakng_loader.get_data_path()) / "voices" / "!v" / name.split("+", 1)[1]
+        if variant.is_file():
+            for line in variant.read_text(errors="replace").splitlines():
+                words = line.split()
+                if words and words[0] == "breath" and any(w != "0" for w in words[1:]):
+                    raise ValueError(f"synthesize: voice {name!r} adds espeak's breath noise, which is not "
+                                     "reproducible across processes; pick a variant without it")
+
     def synth(self, ssml: str, rate: int, pitch: int, pitch_range: int) -> np.ndarray:
         for param, value in ((_RATE, rate), (_PITCH, pitch), (_RANGE, pitch_range)):
             self._lib.espeak_SetParameter(param, int(value), 0)
@@ -259,6 +276,8 @@ def synthesize(out_dir: str | Path, train_split: str, test_split: str, train_utt
                test_utterances: int, train_voices: list[str], test_voices: list[str],
                chapters_per_speaker: int, pause_prob: float, max_pause_ms: int, seed: int) -> None:
     """Write the embedded corpus: ``out_dir/<train_split>`` and ``out_dir/<test_split>``."""
+    for voice in [*train_voices, *test_voices]:
+        Espeak.check_reproducible(voice)
     if set(train_voices) & set(test_voices):
         raise ValueError(f"synthesize: voices {sorted(set(train_voices) & set(test_voices))} are in both splits")
     rng = random.Random(seed)
