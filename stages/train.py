@@ -18,9 +18,11 @@ def main() -> None:
     ap.add_argument("model_dir")
     ap.add_argument("live_dir")
     args = ap.parse_args()
-    p, w = params.load("train"), params.load("whisper")
+    p, w, base = params.load("train"), params.load("whisper"), params.load("base")
     examples, meta = train.load_split(args.manifest, args.whisper, args.text, args.s3)
-    train_ex, val_ex = train.speaker_split(examples, p.val_speakers, p.seed)
+    # The held-out speaker follows base.seed, not train.seed: seeds then differ only in initialization and
+    # batch order, so a seed sweep compares variants on the same data.
+    train_ex, val_ex = train.speaker_split(examples, p.val_speakers, base.seed)
     model = train.build_model(args.variant, int(meta["vocab_size"]), examples[0].text_emb.shape[1],
                               examples[0].mid.shape[1], p, w.model)
     print(f"{args.variant}: {model.num_params() / 1e6:.2f} M parameters; {len(train_ex)} train / "

@@ -13,8 +13,7 @@ def main() -> None:
     ap.add_argument("manifest")
     ap.add_argument("out")
     args = ap.parse_args()
-    p = params.load("whisper")
-    n = whisper.extract_split(args.manifest, args.out, p.model, p.mid_layer, p.batch_size, p.device, p.rows_per_group)
+    n = whisper.extract_split(args.manifest, args.out, params.load("whisper"))
     print(f"{args.out}: {n} utterances")
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from taste_pipeline import whisper
+from taste_pipeline import params, whisper
 from taste_pipeline.model import ModelConfig, TasteModel
 
 
@@ -149,7 +149,7 @@ def test_pretrained_aggregator_aligns_text_to_speech(tiny_whisper, tiny_resample
     from taste_pipeline import tables, text
 
     m = tiny_resampled / "manifest.parquet"
-    whisper.extract_split(m, tmp_path / "w.parquet", whisper.EMBEDDED, None, 4, "cpu", 8)
+    whisper.extract_split(m, tmp_path / "w.parquet", params.Whisper(batch_size=4, rows_per_group=8))
     text.extract_split(m, tmp_path / "t.parquet", whisper.EMBEDDED, "lower")
     w, t = tables.read_whisper(tmp_path / "w.parquet"), tables.read_text(tmp_path / "t.parquet")
     model = TasteModel(ModelConfig(vocab_size=16, agg_layers=4, agg_value_layers=1, dropout=0.0)).eval()

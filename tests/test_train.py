@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from taste_pipeline import train
+from taste_pipeline import params, train
 from taste_pipeline.params import Train
 from taste_pipeline.model import ModelConfig, TasteModel
 
@@ -74,7 +74,7 @@ def test_load_split_names_a_missing_utterance(tiny_resampled, tmp_path):
     from taste_pipeline import s3, text, whisper
 
     m = tiny_resampled / "manifest.parquet"
-    whisper.extract_split(m, tmp_path / "w.parquet", whisper.EMBEDDED, None, 4, "cpu", 8)
+    whisper.extract_split(m, tmp_path / "w.parquet", params.Whisper(batch_size=4, rows_per_group=8))
     text.extract_split(m, tmp_path / "t.parquet", whisper.EMBEDDED, "lower")
     s3.prepare_tokenizer(s3.STANDIN, tmp_path / "tok", m, 8, 0)
     s3.tokenize_split(m, tmp_path / "tok", tmp_path / "s.parquet")

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from taste_pipeline import audio, tables, whisper
+from taste_pipeline import audio, params, tables, whisper
 
 
 def _cos(a, b):
@@ -91,7 +91,7 @@ def test_batched_equals_one_at_a_time(tiny_whisper, speech):
 
 def test_stage_table_is_valid_and_float16(tiny_resampled, tmp_path):
     out = tmp_path / "w.parquet"
-    n = whisper.extract_split(tiny_resampled / "manifest.parquet", out, whisper.EMBEDDED, None, 4, "cpu", 3)
+    n = whisper.extract_split(tiny_resampled / "manifest.parquet", out, params.Whisper(batch_size=4, rows_per_group=3))
     table = tables.read_whisper(out)
     manifest = tables.read_manifest(tiny_resampled / "manifest.parquet")
     assert n == table.num_rows == manifest.num_rows
@@ -107,3 +107,57 @@ def test_stage_table_is_valid_and_float16(tiny_resampled, tmp_path):
 def test_unknown_model_id_is_named():
     with pytest.raises((ValueError, OSError), match="whisper.model|not-a-model"):
         whisper.load_model("./not-a-model-folder")
+
+
+def test_short_window_concatenates_windows_and_stays_close_to_30s(tiny_whisper, speech):
+    ext = whisper.load_feature_extractor(whisper.EMBEDDED, 80)
+    short = whisper.WhisperStates(tiny_whisper, ext, None, batch_size=4, windows_s=[2])
+    x = speech[0]
+    assert len(x) > 2 * 16000  # more than one 2 s window
+    mid, last = short([x])[0]
+    assert last.shape == (tables.frames_for(len(x)), 384)
+    # The second window is encoded on its own, exactly like that slice of audio alone.
+    _, w2_last = short([x[2 * 16000 : 4 * 16000]])[0]
+    np.testing.assert_allclose(last[100:200], w2_last, atol=1e-4)
+    # A 10 s window sees the whole utterance: states close to the 30 s window, yet not the same.
+    full_mid, full_last = whisper.WhisperStates(tiny_whisper, ext, None, 4)([x])[0]
+    ten_mid, ten_last = whisper.WhisperStates(tiny_whisper, ext, None, 4, windows_s=[10])([x])[0]
+    assert _cos(ten_last, full_last).mean() > 0.98 and _cos(ten_mid, full_mid).mean() > 0.98
+    assert not np.allclose(ten_last, full_last, atol=1e-3)
+
+
+def test_bfloat16_compute_is_faithful(tiny_whisper, speech):
+    ext = whisper.load_feature_extractor(whisper.EMBEDDED, 80)
+    ref = whisper.WhisperStates(tiny_whisper, ext, None, 4, windows_s=[10])(speech)
+    bf = whisper.WhisperStates(tiny_whisper, ext, None, 4, windows_s=[10], dtype="bfloat16")(speech)
+    for (rm, rl), (bm, bl) in zip(ref, bf):
+        assert bm.dtype == np.float32 and bm.shape == rm.shape
+        # Mean cosine per frame, the fidelity measure of bench/whisper.py.
+        assert _cos(bm, rm).mean() > 0.999 and _cos(bl, rl).mean() > 0.999
+    # The model itself is left in float32 for other users (the text stage reads its decoder).
+    assert next(tiny_whisper.parameters()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("kw, match", [({"windows_s": [10, 31]}, "whisper.windows_s"), ({"dtype": "int8"}, "whisper.dtype")])
+def test_bad_window_or_dtype_is_named(tiny_whisper, kw, match):
+    with pytest.raises(ValueError, match=match):
+        whisper.WhisperStates(tiny_whisper, whisper.load_feature_extractor(whisper.EMBEDDED, 80), None, 4, **kw)
+
+
+def test_each_utterance_takes_the_shortest_window_that_holds_it(tiny_whisper, speech):
+    ext = whisper.load_feature_extractor(whisper.EMBEDDED, 80)
+    short, long_ = speech[0][: 16000 * 3 // 2], speech[1]
+    assert len(long_) > 2 * 16000
+    mixed = whisper.WhisperStates(tiny_whisper, ext, None, 4, windows_s=[2, 30])([short, long_])
+    only2 = whisper.WhisperStates(tiny_whisper, ext, None, 4, windows_s=[2])([short])[0]
+    only30 = whisper.WhisperStates(tiny_whisper, ext, None, 4, windows_s=[30])([long_])[0]
+    for got, want in ((mixed[0], only2), (mixed[1], only30)):
+        np.testing.assert_allclose(got[1], want[1], atol=1e-4)
+        np.testing.assert_allclose(got[0], want[0], atol=1e-4)
+
+
+def test_windows_plan():
+    sizes = [10, 30]
+    ws = whisper.windows([5, 10, 11, 65], sizes)
+    assert [(w.item, w.start, w.num_samples, w.size) for w in ws] == [
+        (0, 0, 5, 10), (1, 0, 10, 10), (2, 0, 11, 30), (3, 0, 30, 30), (3, 30, 30, 30), (3, 60, 5, 30)]

@@ -64,8 +64,18 @@ class Whisper:
     batch_size: int = 8
     device: str = "cpu"
     rows_per_group: int = 64
+    # Encoder windows (s); each utterance takes the shortest that holds it, longer ones are cut into the
+    # longest. [30] = as Whisper was trained; shorter windows are faster (bench/whisper.py: fidelity).
+    windows_s: list = field(default_factory=lambda: [30])
+    dtype: str = "float32"  # compute precision: float32, bfloat16 or float16
 
     def check(self):
+        w = self.windows_s
+        if not w or any(not isinstance(x, int) or isinstance(x, bool) or not 1 <= x <= 30 for x in w) \
+                or sorted(set(w)) != list(w):
+            raise ParamError(f"whisper.windows_s: must be increasing whole seconds in 1..30, got {w}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ParamError(f"whisper.dtype: {self.dtype!r} is not float32, bfloat16 or float16")
         if self.batch_size < 1:
             raise ParamError(f"whisper.batch_size: must be at least 1, got {self.batch_size}")
         if self.rows_per_group < 1:

