@@ -15,7 +15,7 @@ def main() -> None:
     ap.add_argument("out")
     args = ap.parse_args()
     p = params.load("s3")
-    n = s3.tokenize_split(args.manifest, args.tokenizer_dir, args.out, p.device, p.batch_size)
+    n = s3.tokenize_split(args.manifest, args.tokenizer_dir, args.out, p.device, p.batch_size, dtype=p.dtype)
     print(f"{args.out}: {n} utterances")
 
 

@@ -1,6 +1,9 @@
 """Stage train: one variant (taste or text_only) on the train split; best checkpoint by validation NLL.
 
-    python stages/train.py <variant> <manifest> <whisper> <text> <s3> <model_dir> <live_dir>
+    python stages/train.py <variant> <manifest> <whisper> <text> <s3> <model_dir> <live_dir> [--resume-dir DIR]
+
+A run that is killed resumes from its last saved step when started again with the same params and
+inputs (the state lives in --resume-dir, which DVC does not clear; see train.fit).
 """
 
 import argparse
@@ -17,6 +20,7 @@ def main() -> None:
         ap.add_argument(table, help=f"{table} table of the train split")
     ap.add_argument("model_dir")
     ap.add_argument("live_dir")
+    ap.add_argument("--resume-dir", help="where the resume state is kept between a kill and a rerun")
     args = ap.parse_args()
     p, w, base = params.load("train"), params.load("whisper"), params.load("base")
     examples, meta = train.load_split(args.manifest, args.whisper, args.text, args.s3)
@@ -29,7 +33,8 @@ def main() -> None:
           f"{len(val_ex)} validation utterances (speaker-disjoint); targets {meta['targets']}")
     with Live(args.live_dir, dvcyaml=None, save_dvc_exp=False) as live:
         live.log_params({"variant": args.variant, "seed": p.seed, "targets": meta["targets"]})
-        summary = train.fit(model, train_ex, val_ex, p, args.model_dir, live)
+        fp = train.fingerprint(p, args.variant, [args.manifest, args.whisper, args.text, args.s3])
+        summary = train.fit(model, train_ex, val_ex, p, args.model_dir, live, args.resume_dir, fp, p.checkpoint_steps)
         live.summary["best_val_nll"] = summary["best"]["val_nll"]
         live.summary["best_epoch"] = summary["best"]["epoch"]
 

@@ -25,6 +25,34 @@ def test_real_s3_path_runs_batched_with_random_weights(speech):
     assert tok.vocab_size == 4096 and tok.name == s3.S3_NAME
 
 
+def test_s3_batches_by_length_and_keeps_input_order(speech):
+    torch.manual_seed(0)
+    tok = s3.S3Tokens(None, batch_size=3)
+    audios = [speech[2], speech[0][:8000], speech[1], speech[3][:20000]]
+    batched = tok.hidden(audios)
+    tok.batch_size = 1
+    for h, a, single in zip(batched, audios, tok.hidden(audios)):
+        assert h.shape == single.shape and h.shape[1] == 1280
+        assert abs(h.shape[0] - tables.frames_for(len(a))) <= 1  # s3 counts frames from n // 160 mel frames
+        torch.testing.assert_close(h, single, atol=2e-3, rtol=1e-3)
+
+
+def test_s3_bfloat16_encoder_stays_faithful_and_long_audio_is_tokenized(speech):
+    torch.manual_seed(0)
+    ref = s3.S3Tokens(None, batch_size=4)
+    bf = s3.S3Tokens(None, batch_size=4, dtype="bfloat16")
+    bf.model.load_state_dict(ref.model.state_dict())
+    bf.encoder.load_state_dict(ref.model.encoder.state_dict())
+    for a, b in zip(ref.hidden(speech[:3]), bf.hidden(speech[:3])):
+        assert torch.nn.functional.cosine_similarity(a, b, dim=-1).mean() > 0.99
+    long_ = np.tile(speech[0], 1 + 31 * 16000 // len(speech[0]))[: 31 * 16000]  # over the 30 s window
+    codes = ref.tokenize([speech[1], long_])
+    assert abs(len(codes[1]) - tables.frames_for(len(long_))) <= 1
+    assert abs(len(codes[0]) - tables.frames_for(len(speech[1]))) <= 1
+    with pytest.raises(ValueError, match="s3.dtype"):
+        s3.S3Tokens(None, dtype="int4")
+
+
 def test_fetch_asks_modelscope_for_cosyvoice(monkeypatch, tmp_path):
     calls = {}
 

@@ -101,8 +101,11 @@ class S3:
     standin_norm: str = "utterance"
     batch_size: int = 8
     device: str = "cpu"
+    dtype: str = "float32"  # S3 encoder compute precision; the codebook search stays float32
 
     def check(self):
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ParamError(f"s3.dtype: {self.dtype!r} is not float32, bfloat16 or float16")
         if self.standin_units < 2:
             raise ParamError(f"s3.standin_units: must be at least 2, got {self.standin_units}")
         if self.standin_norm not in ("utterance", "global"):
@@ -137,11 +140,14 @@ class Train:
     unit_positions: str = "whisper_sinusoid"
     text_dropout: float = 0.0
     max_len: int = 2048
+    checkpoint_steps: int = 0  # resume state every N steps (0: at epoch ends only)
     seed: int = 1337
 
     def check(self):
         if not self.lr > 0:
             raise ParamError(f"train.lr: must be positive, got {self.lr}")
+        if self.checkpoint_steps < 0:
+            raise ParamError(f"train.checkpoint_steps: must be 0 or more, got {self.checkpoint_steps}")
         for name in ("epochs", "batch_size", "d_model", "n_heads", "n_layers", "d_ff", "agg_layers", "max_len"):
             if getattr(self, name) < 1:
                 raise ParamError(f"train.{name}: must be at least 1, got {getattr(self, name)}")

@@ -25,6 +25,7 @@ STANDIN = "standin:kmeans"
 S3_FILE = "speech_tokenizer_v1.onnx"
 S3_CODES = 4096
 S3_NAME = "cosyvoice-300m-speech_tokenizer_v1"
+MAX_SAMPLES = 30 * 16000  # s3tokenizer's encoder window
 
 
 NORMS = ("utterance", "global")
@@ -69,30 +70,60 @@ def fetch(source: str, out_dir: str | Path) -> Path:
 
 
 class S3Tokens:
-    """Batched, length-aware S3 tokenization (s3tokenizer's padding and per-row lengths)."""
+    """Batched, length-aware S3 tokenization (s3tokenizer's padding and per-row lengths).
+
+    Utterances are sorted by length before batching, so a batch pads little; ``dtype`` is the
+    encoder's compute precision, while the codebook search always runs in float32 (a code is an
+    argmin over 4096 distances, where bfloat16 rounding would flip near-ties).
+    """
 
     name = S3_NAME
     vocab_size = S3_CODES
 
-    def __init__(self, onnx_path: str | Path | None, device: str = "cpu", batch_size: int = 8):
+    def __init__(self, onnx_path: str | Path | None, device: str = "cpu", batch_size: int = 8,
+                 dtype: str = "float32"):
         import s3tokenizer
 
+        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+        if dtype not in dtypes:
+            raise ValueError(f"s3.dtype: {dtype!r} is not one of {sorted(dtypes)}")
         self.model = s3tokenizer.S3Tokenizer("speech_tokenizer_v1")
-        if onnx_path is not None:  # None: random weights, for shape and batching tests only
+        if onnx_path is not None:  # None: random weights, for shape, batching and speed tests only
             self.model.init_from_onnx(str(onnx_path))
         self.model = self.model.to(device).eval()
+        self.dtype = dtypes[dtype]
+        self.encoder = self.model.encoder if self.dtype == torch.float32 else \
+            __import__("copy").deepcopy(self.model.encoder).to(self.dtype)
         self.device = device
         self.batch_size = batch_size
 
     @torch.inference_mode()
-    def tokenize(self, audios: list[np.ndarray]) -> list[np.ndarray]:
+    def hidden(self, audios: list[np.ndarray]) -> list[torch.Tensor]:
+        """Encoder states before the quantizer, (frames, 1280) float32 each, in input order (<= 30 s each)."""
         import s3tokenizer
 
-        out: list[np.ndarray] = []
-        for b in range(0, len(audios), self.batch_size):
-            mels, lens = s3tokenizer.padding([log_mel(a) for a in audios[b : b + self.batch_size]])
-            codes, code_lens = self.model.quantize(mels.to(self.device), lens.to(self.device))
-            out += [codes[i, : int(code_lens[i])].cpu().numpy().astype(np.int32) for i in range(len(lens))]
+        out: list[torch.Tensor | None] = [None] * len(audios)
+        order = sorted(range(len(audios)), key=lambda i: len(audios[i]))
+        for b in range(0, len(order), self.batch_size):
+            idx = order[b : b + self.batch_size]
+            mels, lens = s3tokenizer.padding([log_mel(audios[i]) for i in idx])
+            h, h_lens = self.encoder(mels.to(self.device, self.dtype), lens.to(self.device))
+            for j, i in enumerate(idx):
+                out[i] = h[j, : int(h_lens[j])].float()
+        return out
+
+    @torch.inference_mode()
+    def tokenize(self, audios: list[np.ndarray]) -> list[np.ndarray]:
+        # Over 30 s, s3tokenizer's own quantize cuts overlapping windows (as CosyVoice does); one at a time.
+        long_ = [i for i, a in enumerate(audios) if len(a) > MAX_SAMPLES]
+        short = [i for i in range(len(audios)) if len(audios[i]) <= MAX_SAMPLES]
+        out: list[np.ndarray | None] = [None] * len(audios)
+        for i, h in zip(short, self.hidden([audios[i] for i in short])):
+            out[i] = self.model.quantizer.encode(h[None])[0].cpu().numpy().astype(np.int32)
+        for i in long_:
+            mel = log_mel(audios[i])[None].to(self.device)
+            codes, n = self.model.quantize(mel, torch.tensor([mel.shape[-1]], device=self.device))
+            out[i] = codes[0, : int(n[0])].cpu().numpy().astype(np.int32)
         return out
 
 
@@ -206,16 +237,17 @@ def prepare_tokenizer(source: str, out_dir: str | Path, train_manifest: str | Pa
     return info
 
 
-def load_tokenizer(model_dir: str | Path, device: str = "cpu", batch_size: int = 8):
+def load_tokenizer(model_dir: str | Path, device: str = "cpu", batch_size: int = 8, dtype: str = "float32"):
     model_dir = Path(model_dir)
     info = json.loads((model_dir / INFO_FILE).read_text())
     if info["kind"] == "standin":
         return StandinUnits.load(model_dir / info["file"])
-    return S3Tokens(model_dir / info["file"], device, batch_size)
+    return S3Tokens(model_dir / info["file"], device, batch_size, dtype)
 
 
 def tokenize_split(manifest_path: str | Path, model_dir: str | Path, out_path: str | Path,
-                   device: str = "cpu", batch_size: int = 8, rows_per_group: int = 64) -> int:
+                   device: str = "cpu", batch_size: int = 8, rows_per_group: int = 64,
+                   dtype: str = "float32") -> int:
     """Stage s3: one row of targets per utterance, streamed in row groups."""
     from tqdm import tqdm
 
@@ -223,7 +255,7 @@ def tokenize_split(manifest_path: str | Path, model_dir: str | Path, out_path: s
 
     manifest_path = Path(manifest_path)
     rows = tables.read_manifest(manifest_path).to_pylist()
-    tok = load_tokenizer(model_dir, device, batch_size)
+    tok = load_tokenizer(model_dir, device, batch_size, dtype)
     meta = {"targets": tok.name, "vocab_size": str(tok.vocab_size), "frame_rate_hz": "50"}
     with tables.TableWriter(out_path, tables.S3, meta) as writer:
         for b in tqdm(range(0, len(rows), rows_per_group), desc=f"s3 {manifest_path.parent.name}", unit="group"):

@@ -164,9 +164,75 @@ def load_checkpoint(model_dir: str | Path, device: str = "cpu") -> tuple[TasteMo
     return model.to(device).eval(), info
 
 
+# ---------------------------------------------------------------------------------------------
+# Resume: a run killed part-way continues from its last saved step, with the same result.
+#
+# DVC deletes a stage's outputs before it runs, so the resume state lives beside them (``resume_dir``,
+# not a DVC output): weights, AdamW moments, both RNG states, the position in the epoch's batch order,
+# the best weights so far and every value logged to DVCLive (replayed, so the logs match too).
+# It is used only when its fingerprint (params + input tables) matches, and removed when the run ends.
+
+RESUME_STATE, RESUME_INFO = "state.safetensors", "state.json"
+
+
+def fingerprint(cfg: Train, variant: str, inputs: list[str | Path] = ()) -> str:
+    """What must not change for a saved state to be resumed: the train params, the variant and the
+    input tables (size and Parquet footer, which hold row counts, offsets and column statistics)."""
+    import hashlib
+
+    h = hashlib.sha256(json.dumps({"train": dataclasses.asdict(cfg), "variant": variant}, sort_keys=True).encode())
+    for path in inputs:
+        path = Path(path)
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            f.seek(max(0, size - 65536))
+            h.update(str(size).encode() + f.read())
+    return h.hexdigest()
+
+
+def _save_resume(resume_dir: Path, model: TasteModel, opt: torch.optim.Optimizer, best_state: dict | None,
+                 info: dict) -> None:
+    from safetensors.torch import save_file
+
+    resume_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+    if best_state is not None:
+        tensors.update({f"best.{k}": v.contiguous() for k, v in best_state.items()})
+    opt_state = opt.state_dict()
+    for i, st in opt_state["state"].items():
+        for k, v in st.items():
+            tensors[f"opt.{i}.{k}"] = v.contiguous() if torch.is_tensor(v) else torch.tensor(v)
+    tensors["rng.torch"] = torch.get_rng_state()
+    info = dict(info, param_groups=[{k: v for k, v in g.items() if k != "params"} for g in opt_state["param_groups"]])
+    # Two files, one state: the weights are written first, and the JSON (what makes the state valid)
+    # last, naming the weights file by its size, so a kill between the two leaves an unusable, not a
+    # mismatched, pair.
+    with tables.atomic_path(resume_dir / RESUME_STATE) as tmp:
+        save_file(tensors, str(tmp))
+    info["state_bytes"] = (resume_dir / RESUME_STATE).stat().st_size
+    with tables.atomic_path(resume_dir / RESUME_INFO) as tmp:
+        tmp.write_text(json.dumps(info) + "\n")
+
+
+def _load_resume(resume_dir: Path, fp: str) -> tuple[dict, dict] | None:
+    from safetensors.torch import load_file
+
+    info_path, state_path = resume_dir / RESUME_INFO, resume_dir / RESUME_STATE
+    if not (info_path.exists() and state_path.exists()):
+        return None
+    info = json.loads(info_path.read_text())
+    if info.get("fingerprint") != fp or info.get("state_bytes") != state_path.stat().st_size:
+        return None
+    return info, load_file(str(state_path))
+
+
 def fit(model: TasteModel, train_ex: list[Example], val_ex: list[Example], cfg: Train, out_dir: str | Path,
-        live=None) -> dict:
-    """Train with AdamW (the ``train`` params); keep the best-validation-NLL weights in ``out_dir``."""
+        live=None, resume_dir: str | Path | None = None, fp: str = "", checkpoint_steps: int = 0) -> dict:
+    """Train with AdamW (the ``train`` params); keep the best-validation-NLL weights in ``out_dir``.
+
+    With ``resume_dir``, the state is saved at every epoch end (and every ``checkpoint_steps`` steps
+    when > 0) and a killed run started again with the same ``fp`` continues where it stopped.
+    """
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
@@ -182,13 +248,63 @@ def fit(model: TasteModel, train_ex: list[Example], val_ex: list[Example], cfg: 
     steps_per_epoch = math.ceil(len(train_ex) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     best = {"val_nll": float("inf"), "epoch": -1}
-    step, bad_epochs = 0, 0
-    history = []
-    bar = tqdm(total=total, desc=f"train {model.cfg.variant}", unit="step")
-    for epoch in range(cfg.epochs):
+    best_state: dict | None = None
+    step, bad_epochs, start_epoch, start_batch = 0, 0, 0, 0
+    losses, counts = 0.0, 0
+    history: list[dict] = []
+    events: list[list] = []  # everything logged to DVCLive, in order: ["step", loss, lr] or ["epoch", record]
+    resume_dir = Path(resume_dir) if resume_dir is not None else None
+    saved = _load_resume(resume_dir, fp) if resume_dir is not None else None
+    if saved is not None:
+        info, tensors = saved
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        best_state = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")} or None
+        opt_state = {"state": {}, "param_groups": [dict(g, params=og["params"]) for g, og in
+                                                   zip(info["param_groups"], opt.state_dict()["param_groups"])]}
+        for k, v in tensors.items():
+            if k.startswith("opt."):
+                _, i, name = k.split(".", 2)
+                opt_state["state"].setdefault(int(i), {})[name] = v
+        opt.load_state_dict(opt_state)
+        torch.set_rng_state(tensors["rng.torch"])
+        step, bad_epochs, best, history, events = info["step"], info["bad_epochs"], info["best"], info["history"], info["events"]
+        start_epoch, start_batch, losses, counts = info["epoch"], info["batch"], info["losses"], info["counts"]
+        epoch_rng = info["epoch_rng"]
+        rng.setstate((epoch_rng[0], tuple(epoch_rng[1]), epoch_rng[2]))
+        if live is not None:  # DVC cleared the old logs with the outputs: write them again, unchanged
+            for e in events:
+                if e[0] == "step":
+                    live.log_metric("train/step_loss", e[1])
+                    live.log_metric("train/lr", e[2])
+                    live.next_step()
+                else:
+                    for k in ("train_loss", "val_nll", "val_top1_acc"):
+                        live.log_metric(f"epoch/{k}", e[1][k])
+        if best_state is not None:
+            model_now = {k: v.clone() for k, v in model.state_dict().items()}
+            model.load_state_dict(best_state)
+            save_checkpoint(model, out_dir, {"best": best, "seed": seed, "train": dataclasses.asdict(cfg)})
+            model.load_state_dict(model_now)
+        print(f"resuming {model.cfg.variant} from {resume_dir}: epoch {start_epoch}, step {step}")
+
+    def save_state(epoch: int, batch: int, epoch_rng) -> None:
+        if resume_dir is None:
+            return
+        _save_resume(resume_dir, model, opt, best_state, {
+            "fingerprint": fp, "epoch": epoch, "batch": batch, "step": step, "bad_epochs": bad_epochs,
+            "best": best, "history": history, "events": events, "losses": losses, "counts": counts,
+            "epoch_rng": [epoch_rng[0], list(epoch_rng[1]), epoch_rng[2]]})
+
+    bar = tqdm(total=total, initial=step, desc=f"train {model.cfg.variant}", unit="step")
+    stopped = False
+    for epoch in range(start_epoch, cfg.epochs):
         model.train()
-        losses, counts = 0.0, 0
-        for group in batches(train_ex, cfg.batch_size, rng):
+        epoch_rng = rng.getstate()  # the batch order of this epoch is drawn from here
+        groups = batches(train_ex, cfg.batch_size, rng)
+        first = start_batch if epoch == start_epoch else 0
+        if first == 0:
+            losses, counts = 0.0, 0
+        for b, group in enumerate(groups[first:], first):
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total, cfg)
             batch = to_device(collate([train_ex[i] for i in group]), cfg.device)
@@ -200,6 +316,7 @@ def fit(model: TasteModel, train_ex: list[Example], val_ex: list[Example], cfg: 
             opt.step()
             n = int((targets != -100).sum())
             losses, counts = losses + loss.item() * n, counts + n
+            events.append(["step", loss.item(), opt.param_groups[0]["lr"]])
             if live is not None:
                 live.log_metric("train/step_loss", loss.item())
                 live.log_metric("train/lr", opt.param_groups[0]["lr"])
@@ -207,9 +324,12 @@ def fit(model: TasteModel, train_ex: list[Example], val_ex: list[Example], cfg: 
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
+            if checkpoint_steps and step % checkpoint_steps == 0 and b + 1 < len(groups):
+                save_state(epoch, b + 1, epoch_rng)
         val = summarize(predict(model, val_ex, cfg.batch_size * 2, cfg.device, amp=cfg.amp))
         record = {"epoch": epoch, "train_loss": losses / counts, "val_nll": val["nll"], "val_top1_acc": val["top1_acc"]}
         history.append(record)
+        events.append(["epoch", record])
         if live is not None:
             for k in ("train_loss", "val_nll", "val_top1_acc"):
                 live.log_metric(f"epoch/{k}", record[k])
@@ -217,15 +337,24 @@ def fit(model: TasteModel, train_ex: list[Example], val_ex: list[Example], cfg: 
         if val["nll"] < best["val_nll"]:
             best = {"val_nll": val["nll"], "val_top1_acc": val["top1_acc"], "epoch": epoch}
             save_checkpoint(model, out_dir, {"best": best, "seed": seed, "train": dataclasses.asdict(cfg)})
+            if resume_dir is not None:
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             bad_epochs = 0
         else:
             bad_epochs += 1
             if bad_epochs >= cfg.patience:
                 bar.write(f"stopping: validation NLL has not improved for {cfg.patience} epochs")
-                break
+                stopped = True
+        if stopped:
+            break
+        save_state(epoch + 1, 0, rng.getstate())
     bar.close()
     with tables.atomic_path(out_dir / "history.json") as tmp:
         tmp.write_text(json.dumps(history, indent=2) + "\n")
+    if resume_dir is not None:
+        import shutil
+
+        shutil.rmtree(resume_dir, ignore_errors=True)
     return {"best": best, "history": history, "steps": step}
 
 

@@ -1,0 +1,97 @@
+"""A training run killed with SIGKILL part-way resumes and ends exactly where an uninterrupted run does."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+CHILD = r"""
+import json, os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import torch
+from test_train import _examples
+from taste_pipeline import train
+from taste_pipeline.model import ModelConfig, TasteModel
+from taste_pipeline.params import Train
+
+out_dir, resume_dir, kill_at, log_path = sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+calls = {"n": 0}
+collate = train.collate
+def dying_collate(*a, **kw):  # SIGKILL: no cleanup, no finally blocks, as when the machine kills us
+    calls["n"] += 1
+    if calls["n"] == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return collate(*a, **kw)
+train.collate = dying_collate
+
+class Recorder:  # stands in for DVCLive: what would be in the logs
+    def __init__(self): self.rows, self.step = [], 0
+    def log_metric(self, name, value): self.rows.append([self.step, name, value])
+    def next_step(self): self.step += 1
+
+tr, va = train.speaker_split(_examples(), 1, seed=0)
+cfg = Train(lr=3e-3, epochs=4, batch_size=4, warmup_steps=2, patience=10, amp=False, seed=3, dropout=0.1,
+            checkpoint_steps=2)
+live = Recorder()
+torch.manual_seed(0)
+model = TasteModel(ModelConfig(variant="taste", vocab_size=8, d_model=32, n_heads=2, n_layers=2, d_ff=64,
+                               agg_layers=1, agg_heads=2, agg_ffn=64, dropout=0.1))  # dropout: RNG matters
+summary = train.fit(model, tr, va, cfg, out_dir, live, resume_dir if resume_dir != "-" else None, "fp", 2)
+json.dump({"history": summary["history"], "log": live.rows}, open(log_path, "w"))
+"""
+
+
+def _run(tmp_path, out, resume, kill_at, log):
+    env = dict(os.environ, PYTHONHASHSEED="0")
+    return subprocess.run([sys.executable, "-c", CHILD, str(Path(__file__).parent), str(out), str(resume),
+                           str(kill_at), str(log)], env=env, capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    d = tmp_path_factory.mktemp("whole")
+    r = _run(d, d / "model", "-", 0, d / "log.json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    return d
+
+
+# collate calls: 5 training batches per epoch, then 1 validation batch. 8 = mid-epoch 2 (after a
+# step checkpoint), 12 = during validation of epoch 2, 20 = mid-epoch 4.
+@pytest.mark.parametrize("kill_at", [8, 12, 20])
+def test_killed_training_resumes_to_the_same_result(tmp_path, uninterrupted, kill_at):
+    resume = tmp_path / "resume"
+    first = _run(tmp_path, tmp_path / "model", resume, kill_at, tmp_path / "log.json")
+    assert first.returncode == -9, first.stderr[-2000:]  # it really was killed
+    assert (resume / "state.json").exists() and not (tmp_path / "log.json").exists()
+    second = _run(tmp_path, tmp_path / "model", resume, 0, tmp_path / "log.json")
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "resuming" in second.stdout
+    want, got = load_file(uninterrupted / "model" / "model.safetensors"), load_file(tmp_path / "model" / "model.safetensors")
+    assert want.keys() == got.keys()
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
+    a, b = json.loads((uninterrupted / "log.json").read_text()), json.loads((tmp_path / "log.json").read_text())
+    assert a["history"] == b["history"] and a["log"] == b["log"]
+    assert not resume.exists()  # a finished run leaves no resume state behind
+
+
+def test_a_state_for_other_params_or_inputs_is_not_resumed(tmp_path):
+    from taste_pipeline import train
+    from taste_pipeline.params import Train
+
+    first = _run(tmp_path, tmp_path / "model", tmp_path / "resume", 8, tmp_path / "log.json")
+    assert first.returncode == -9
+    info = json.loads((tmp_path / "resume" / "state.json").read_text())
+    assert train._load_resume(tmp_path / "resume", info["fingerprint"]) is not None
+    assert train._load_resume(tmp_path / "resume", "other") is None
+    table = tmp_path / "t.parquet"
+    table.write_bytes(b"x" * 100)
+    fp = train.fingerprint(Train(), "taste", [table])
+    assert fp != train.fingerprint(Train(lr=2e-3), "taste", [table]) != train.fingerprint(Train(), "text_only", [table])
+    table.write_bytes(b"y" * 100)
+    assert fp != train.fingerprint(Train(), "taste", [table])
