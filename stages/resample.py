@@ -4,6 +4,7 @@
 """
 
 import argparse
+import os
 import sys
 
 from taste_pipeline import audio, params
@@ -15,7 +16,9 @@ def main() -> None:
     ap.add_argument("out_dir")
     args = ap.parse_args()
     p = params.load("resample")
-    kept, rejected = audio.resample_split(args.split_dir, args.out_dir, strict=p.strict)
+    if not os.path.isdir(args.split_dir):
+        sys.exit(f"data.root / data.splits: split folder {args.split_dir} does not exist")
+    kept, rejected = audio.resample_split(args.split_dir, args.out_dir, strict=p.strict, silence_dbfs=p.silence_dbfs)
     print(f"{args.split_dir}: {kept} utterances kept, {rejected} rejected (see {args.out_dir}/rejects.parquet)")
     if kept == 0:
         sys.exit(f"{args.split_dir}: no usable utterance")

@@ -1,6 +1,9 @@
 """Stage whisper: Whisper encoder states (mid layer = values, last layer = keys) per utterance.
 
-    python stages/whisper.py <manifest.parquet> <out.parquet>
+    python stages/whisper.py <manifest.parquet> <out.parquet> [--partial-dir DIR]
+
+Finished row groups are kept in --partial-dir (outside DVC's outputs) until the table is whole, so a
+killed run resumes where it stopped.
 """
 
 import argparse
@@ -12,8 +15,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("manifest")
     ap.add_argument("out")
+    ap.add_argument("--partial-dir", help="finished row groups of an interrupted run")
     args = ap.parse_args()
-    n = whisper.extract_split(args.manifest, args.out, params.load("whisper"))
+    n = whisper.extract_split(args.manifest, args.out, params.load("whisper"), args.partial_dir)
     print(f"{args.out}: {n} utterances")
 
 

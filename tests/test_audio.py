@@ -53,30 +53,51 @@ def _write_chapter(root, spk, chap, items):
     (d / f"{spk}-{chap}.trans.txt").write_text("\n".join(lines) + "\n")
 
 
+def _flac_bytes(x, rate):
+    import io
+
+    buf = io.BytesIO()
+    sf.write(buf, x, rate, format="FLAC", subtype="PCM_16")
+    return buf.getvalue()
+
+
 @pytest.fixture()
 def odd_split(tmp_path):
+    """Odd but valid inputs (0-2, 8-9) and bad ones (3-7, 10-12), in LibriSpeech layout."""
     root = tmp_path / "odd"
     _write_chapter(root, "1", "10", {
         0: (_tone(44100, 1.0, channels=2), 44100, "PCM_24", ".wav", "STEREO TWENTY FOUR BIT"),
         1: (_tone(8000, 1.0), 8000, "PCM_16", ".flac", "EIGHT KILOHERTZ"),
-        2: (_tone(16000, 35.0), 16000, "PCM_16", ".flac", "A LONG UTTERANCE"),
+        2: (_tone(16000, 60.0), 16000, "PCM_16", ".flac", "A SIXTY SECOND UTTERANCE"),
         3: (b"", 0, None, ".flac", "ZERO BYTES"),
         4: (b"this is not audio at all\n" * 10, 0, None, ".flac", "TEXT FILE"),
         5: (_tone(16000, 0.5), 16000, "PCM_16", ".flac", None),  # audio without a transcript line
         6: (None, 0, None, ".flac", "TRANSCRIPT WITHOUT AUDIO"),
         7: (_tone(16000, 0.5), 16000, "PCM_16", ".flac", ""),  # empty transcript
+        8: (_tone(16000, 1.5, freq=300), 16000, "PCM_16", ".flac", "NAÏVE CAFÉ — ÜBER SPRÖDE"),  # non-ASCII
+        9: (_tone(22050, 2.0) * 0.002, 22050, "PCM_16", ".flac", "VERY QUIET BUT NOT SILENT"),  # -60 dBFS + 6 dB
+        10: (_flac_bytes(_tone(16000, 3.0), 16000)[:6000], 0, None, ".flac", "TRUNCATED FLAC"),
+        11: (np.zeros(16000), 16000, "PCM_16", ".flac", "PURE SILENCE"),
     })
+    (root / "1" / "10" / "1-10-0012.flac").symlink_to(root / "1" / "10" / "gone.flac")  # points nowhere
+    with open(root / "1" / "10" / "1-10.trans.txt", "a") as f:
+        f.write("1-10-0012 A LINK TO NOTHING\n")
     return root
+
+
+GOOD = {"1-10-0000", "1-10-0001", "1-10-0002", "1-10-0008", "1-10-0009"}
 
 
 def test_any_rate_and_channel_count_becomes_16k_mono(odd_split, tmp_path):
     out = tmp_path / "out"
     kept, rejected = audio.resample_split(odd_split, out)
     rows = {r["utt_id"]: r for r in tables.read_manifest(out / "manifest.parquet").to_pylist()}
-    assert set(rows) == {"1-10-0000", "1-10-0001", "1-10-0002"}
+    assert set(rows) == GOOD and (kept, rejected) == (5, 8)
     assert rows["1-10-0000"]["num_samples"] == 16000  # 1 s of 44.1 kHz stereo
     assert rows["1-10-0001"]["num_samples"] == 16000  # 1 s of 8 kHz
-    assert rows["1-10-0002"]["duration"] == pytest.approx(35.0)  # over 30 s: kept whole
+    assert rows["1-10-0002"]["duration"] == pytest.approx(60.0)  # over 30 s: kept whole
+    assert rows["1-10-0008"]["text"] == "NAÏVE CAFÉ — ÜBER SPRÖDE"
+    assert rows["1-10-0009"]["num_samples"] == 32000
     x = audio.load_utterance(out, rows["1-10-0000"])
     spectrum = np.abs(np.fft.rfft(x))
     assert np.argmax(spectrum) * 16000 / len(x) == pytest.approx(440, abs=2)  # the tone survives
@@ -86,15 +107,38 @@ def test_every_bad_input_is_a_reject_with_a_reason(odd_split, tmp_path):
     out = tmp_path / "out"
     audio.resample_split(odd_split, out)
     rejects = {r["utt_id"]: r for r in tables.read_rejects(out / "rejects.parquet").to_pylist()}
-    assert set(rejects) == {"1-10-0003", "1-10-0004", "1-10-0005", "1-10-0006", "1-10-0007"}
+    assert set(rejects) == {f"1-10-{i:04d}" for i in (3, 4, 5, 6, 7, 10, 11, 12)}
     assert "empty file" in rejects["1-10-0003"]["reason"]
     assert "not readable as audio" in rejects["1-10-0004"]["reason"]
     assert "no transcript line" in rejects["1-10-0005"]["reason"]
     assert "no audio file" in rejects["1-10-0006"]["reason"]
     assert "empty transcript" in rejects["1-10-0007"]["reason"]
+    assert "truncated" in rejects["1-10-0010"]["reason"]
+    assert "silent audio" in rejects["1-10-0011"]["reason"] and "resample.silence_dbfs" in rejects["1-10-0011"]["reason"]
+    assert "symbolic link to a missing file" in rejects["1-10-0012"]["reason"]
     for r in rejects.values():
         assert r["path"].startswith(str(odd_split)) and r["reason"].startswith(str(odd_split))  # names a file
-    assert pq.read_table(out / "manifest.parquet").num_rows == 3
+    assert pq.read_table(out / "manifest.parquet").num_rows == len(GOOD)
+
+
+def test_silence_can_be_kept_on_request(odd_split, tmp_path):
+    audio.resample_split(odd_split, tmp_path / "out", silence_dbfs=None)
+    ids = tables.read_manifest(tmp_path / "out" / "manifest.parquet").column("utt_id").to_pylist()
+    assert "1-10-0011" in ids
+
+
+def test_odd_inputs_come_through_whisper_with_the_right_length(odd_split, tmp_path):
+    from taste_pipeline import params, whisper
+
+    audio.resample_split(odd_split, tmp_path / "out")
+    manifest = tables.read_manifest(tmp_path / "out" / "manifest.parquet")
+    whisper.extract_split(tmp_path / "out" / "manifest.parquet", tmp_path / "w.parquet",
+                          params.Whisper(windows_s=[10, 20, 30], dtype="bfloat16", rows_per_group=2))
+    w = tables.read_whisper(tmp_path / "w.parquet")
+    assert w.column("utt_id").to_pylist() == manifest.column("utt_id").to_pylist()
+    for i, n in enumerate(manifest.column("num_samples").to_pylist()):
+        assert tables.row_matrix(w, "last", i).shape == (tables.frames_for(n), 384)
+        assert np.isfinite(tables.row_matrix(w, "mid", i)).all()
 
 
 def test_strict_mode_fails_on_the_first_bad_file(odd_split, tmp_path):

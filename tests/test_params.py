@@ -32,8 +32,42 @@ def test_repo_params_load(monkeypatch):
     ("text", {"case": "upper"}, "text.case"),
     ("data", {"splits": ["a"], "train_split": "b", "test_split": "a"}, "data.train_split"),
     ("resample", {"strict": "yes"}, "resample.strict"),
+    ("resample", {"silence_dbfs": 3}, "resample.silence_dbfs"),
+    ("train", {"lr": -0.001}, "train.lr"),
+    ("train", {"epochs": 0}, "train.epochs"),
+    ("train", {"checkpoint_steps": -1}, "train.checkpoint_steps"),
+    ("s3", {"dtype": "int8"}, "s3.dtype"),
     ("synthesize", {"pause_prob": 2.0, "train_voices": ["en"], "test_voices": ["en-us"]}, "synthesize.pause_prob"),
 ])
 def test_bad_values_name_the_param(tmp_path, section, doc, match):
     with pytest.raises(params.ParamError, match=match):
         params.load(section, _write(tmp_path, {section: doc}))
+
+
+def test_stage_scripts_name_the_param_for_bad_inputs(tmp_path):
+    """A missing split folder and a layer the encoder lacks: the stage fails at once naming the param."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pyarrow as pa
+
+    from taste_pipeline import tables
+
+    repo = Path(__file__).resolve().parents[1]
+    doc = yaml.safe_load((repo / "params.yaml").read_text())
+    doc["whisper"]["mid_layer"] = 9  # tiny.en has 4 encoder layers
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(doc))
+
+    def stage(name, *args):
+        return subprocess.run([sys.executable, str(repo / "stages" / f"{name}.py"), *map(str, args)],
+                              cwd=tmp_path, capture_output=True, text=True)
+
+    r = stage("resample", tmp_path / "no-split", tmp_path / "out")
+    assert r.returncode != 0 and "data.root" in r.stderr and "no-split" in r.stderr
+    (tmp_path / "m").mkdir()
+    tables.write_table(tmp_path / "m" / "manifest.parquet", pa.Table.from_pylist([], schema=tables.MANIFEST),
+                       tables.MANIFEST)
+    r = stage("whisper", tmp_path / "m" / "manifest.parquet", tmp_path / "w.parquet")
+    assert r.returncode != 0 and "whisper.mid_layer: 9" in r.stderr
+    assert not (tmp_path / "w.parquet").exists()

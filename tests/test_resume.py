@@ -95,3 +95,61 @@ def test_a_state_for_other_params_or_inputs_is_not_resumed(tmp_path):
     assert fp != train.fingerprint(Train(lr=2e-3), "taste", [table]) != train.fingerprint(Train(), "text_only", [table])
     table.write_bytes(b"y" * 100)
     assert fp != train.fingerprint(Train(), "taste", [table])
+
+
+STAGE_CHILD = r"""
+import os, runpy, signal, sys
+from taste_pipeline import tables
+kill_after = int(sys.argv[1])
+write = tables.TableWriter.write
+count = {"n": 0}
+def dying_write(self, rows, group=None):
+    write(self, rows, group)
+    count["n"] += 1
+    if count["n"] == kill_after:
+        os.kill(os.getpid(), signal.SIGKILL)
+tables.TableWriter.write = dying_write
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+S3_CALL = "from taste_pipeline import s3; s3.tokenize_split(*sys.argv[:3], rows_per_group=2, partial_dir=sys.argv[3])"
+
+
+@pytest.mark.parametrize("stage", ["whisper", "s3"])
+def test_killed_extraction_resumes_from_finished_row_groups(tiny_resampled, tmp_path, stage):
+    import yaml
+
+    from taste_pipeline import s3
+
+    doc = yaml.safe_load((REPO / "params.yaml").read_text())
+    doc["whisper"]["rows_per_group"] = 2
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(doc))
+    manifest = tiny_resampled / "manifest.parquet"
+    if stage == "s3":
+        s3.prepare_tokenizer(s3.STANDIN, tmp_path / "tok", manifest, 8, 0)
+
+    def run(out, part, kill_after):
+        if stage == "whisper":  # the stage script itself, as DVC runs it
+            code, argv = STAGE_CHILD, [str(REPO / "stages" / "whisper.py"), str(manifest), str(out), "--partial-dir", str(part)]
+        else:  # the s3 library call with small row groups (the stage's groups are 64 rows)
+            code = STAGE_CHILD.replace('runpy.run_path(sys.argv[0], run_name="__main__")', S3_CALL)
+            argv = [str(manifest), str(tmp_path / "tok"), str(out), str(part)]
+        return subprocess.run([sys.executable, "-c", code, str(kill_after), *argv], cwd=tmp_path,
+                              capture_output=True, text=True)
+
+    whole = run(tmp_path / "whole.parquet", tmp_path / "part-whole", 0)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    killed = run(tmp_path / "t.parquet", tmp_path / "part", 2)
+    assert killed.returncode == -9
+    assert not (tmp_path / "t.parquet").exists()  # no half table where DVC would look
+    assert sorted(p.name for p in (tmp_path / "part").glob("part-*.parquet")) == ["part-000000.parquet", "part-000001.parquet"]
+    again = run(tmp_path / "t.parquet", tmp_path / "part", 0)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (tmp_path / "t.parquet").read_bytes() == (tmp_path / "whole.parquet").read_bytes()
+    assert not (tmp_path / "part").exists()
+    if stage == "whisper":
+        assert "resumed: 2 row groups" in again.stderr + again.stdout

@@ -89,11 +89,15 @@ def load_mono(path: str | Path) -> tuple[np.ndarray, int]:
     if path.stat().st_size == 0:
         raise BadInput(f"{path}: empty file (0 bytes)")
     try:
+        declared = sf.info(path).frames
         data, rate = sf.read(path, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError) as e:
-        raise BadInput(f"{path}: not readable as audio ({e})") from e
+        reason = "truncated or corrupt audio" if "lost sync" in str(e) else "not readable as audio"
+        raise BadInput(f"{path}: {reason} ({e})") from e
     if data.shape[0] == 0:
         raise BadInput(f"{path}: audio has no samples")
+    if 0 < data.shape[0] < declared:
+        raise BadInput(f"{path}: truncated audio (the header promises {declared} samples, the file holds {data.shape[0]})")
     return data.mean(axis=1), rate
 
 
@@ -115,7 +119,18 @@ def _check(entry: Entry) -> None:
         raise BadInput(f"{entry.audio}: utterance id {entry.utt_id!r} is not <speaker>-<chapter>-<n>")
 
 
-def resample_split(split_dir: str | Path, out_dir: str | Path, strict: bool = False) -> tuple[int, int]:
+def check_not_silent(path: Path, audio: np.ndarray, silence_dbfs: float | None) -> None:
+    """A transcript paired with silence is a bad pair (nothing to align the words to): reject it."""
+    if silence_dbfs is None:
+        return
+    peak = float(np.max(np.abs(audio))) if len(audio) else 0.0
+    if peak < 10 ** (silence_dbfs / 20):
+        level = f"{20 * np.log10(peak):.0f} dBFS" if peak > 0 else "digital silence"
+        raise BadInput(f"{path}: silent audio (peak {level}, below resample.silence_dbfs = {silence_dbfs:g})")
+
+
+def resample_split(split_dir: str | Path, out_dir: str | Path, strict: bool = False,
+                   silence_dbfs: float | None = -60.0) -> tuple[int, int]:
     """Resample a split to 16 kHz mono FLAC under ``out_dir/audio`` and write the manifest and rejects.
 
     Returns (kept, rejected). With ``strict`` the first bad input raises ``BadInput`` instead.
@@ -129,6 +144,7 @@ def resample_split(split_dir: str | Path, out_dir: str | Path, strict: bool = Fa
         try:
             _check(entry)
             audio, rate = load_mono(entry.audio)
+            check_not_silent(entry.audio, audio, silence_dbfs)
             audio = np.clip(resample(audio, rate), -1.0, 1.0)
         except BadInput as e:
             if strict:

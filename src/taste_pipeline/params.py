@@ -55,6 +55,11 @@ class Synthesize:
 @dataclass(frozen=True)
 class Resample:
     strict: bool = False
+    silence_dbfs: float | None = -60.0  # reject audio whose peak is below this; None keeps silence
+
+    def check(self):
+        if self.silence_dbfs is not None and self.silence_dbfs >= 0:
+            raise ParamError(f"resample.silence_dbfs: must be below 0 dBFS (or null), got {self.silence_dbfs}")
 
 
 @dataclass(frozen=True)
@@ -102,6 +107,7 @@ class S3:
     batch_size: int = 8
     device: str = "cpu"
     dtype: str = "float32"  # S3 encoder compute precision; the codebook search stays float32
+    rows_per_group: int = 64
 
     def check(self):
         if self.dtype not in ("float32", "bfloat16", "float16"):
@@ -112,6 +118,8 @@ class S3:
             raise ParamError(f"s3.standin_norm: {self.standin_norm!r} is not 'utterance' or 'global'")
         if self.batch_size < 1:
             raise ParamError(f"s3.batch_size: must be at least 1, got {self.batch_size}")
+        if self.rows_per_group < 1:
+            raise ParamError(f"s3.rows_per_group: must be at least 1, got {self.rows_per_group}")
 
 
 @dataclass(frozen=True)
@@ -196,11 +204,13 @@ def _coerce(section: str, cls, raw: dict[str, Any]):
               list: lambda v: isinstance(v, list)}
         if want == (int | None):
             good = value is None or ok[int](value)
+        elif want == (float | None):
+            good = value is None or ok[float](value)
         else:
             good = ok[want](value)
         if not good:
             raise ParamError(f"{section}.{key}: {value!r} is not a valid {getattr(want, '__name__', want)}")
-        values[key] = float(value) if want is float else value
+        values[key] = float(value) if want in (float, float | None) and value is not None else value
     obj = cls(**values)
     if hasattr(obj, "check"):
         obj.check()

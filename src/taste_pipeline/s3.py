@@ -247,18 +247,30 @@ def load_tokenizer(model_dir: str | Path, device: str = "cpu", batch_size: int =
 
 def tokenize_split(manifest_path: str | Path, model_dir: str | Path, out_path: str | Path,
                    device: str = "cpu", batch_size: int = 8, rows_per_group: int = 64,
-                   dtype: str = "float32") -> int:
-    """Stage s3: one row of targets per utterance, streamed in row groups."""
+                   dtype: str = "float32", partial_dir: str | Path | None = None) -> int:
+    """Stage s3: one row of targets per utterance, streamed in row groups.
+
+    With ``partial_dir``, finished row groups survive a kill there and a rerun computes only the rest.
+    """
+    import hashlib
+
     from tqdm import tqdm
 
     from . import audio, tables
+    from .ranks import Ranks
 
-    manifest_path = Path(manifest_path)
+    ranks = Ranks.from_env()
+    manifest_path, model_dir = Path(manifest_path), Path(model_dir)
     rows = tables.read_manifest(manifest_path).to_pylist()
-    tok = load_tokenizer(model_dir, device, batch_size, dtype)
+    tok = load_tokenizer(model_dir, ranks.device(device), batch_size, dtype)
     meta = {"targets": tok.name, "vocab_size": str(tok.vocab_size), "frame_rate_hz": "50"}
-    with tables.TableWriter(out_path, tables.S3, meta) as writer:
-        for b in tqdm(range(0, len(rows), rows_per_group), desc=f"s3 {manifest_path.parent.name}", unit="group"):
+    fp = hashlib.sha256(json.dumps([batch_size, rows_per_group, dtype]).encode() + manifest_path.read_bytes()
+                        + b"".join(f.read_bytes() for f in sorted(model_dir.iterdir()) if f.is_file())).hexdigest()
+    desc = f"s3 {manifest_path.parent.name}" + (f" rank {ranks.rank}/{ranks.world}" if ranks.world > 1 else "")
+    with tables.TableWriter(out_path, tables.S3, meta, partial_dir, fp, ranks) as writer:
+        for group, b in enumerate(tqdm(range(0, len(rows), rows_per_group), desc=desc, unit="group")):
+            if not writer.todo(group):
+                continue
             chunk = rows[b : b + rows_per_group]
             codes = tok.tokenize([audio.load_utterance(manifest_path.parent, r) for r in chunk])
             for r, c in zip(chunk, codes):
@@ -266,5 +278,5 @@ def tokenize_split(manifest_path: str | Path, model_dir: str | Path, out_path: s
                 if abs(len(c) - frames_for(r["num_samples"])) > 1:
                     raise ValueError(f"utterance {r['utt_id']}: {len(c)} tokens for {r['num_samples']} samples")
             writer.write({"utt_id": [r["utt_id"] for r in chunk], "num_tokens": [len(c) for c in codes],
-                          "tokens": [c.tolist() for c in codes]})
+                          "tokens": [c.tolist() for c in codes]}, group)
     return writer.num_rows

@@ -9,6 +9,7 @@ interrupted stage never leaves a half table where DVC would cache it.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -106,29 +107,93 @@ class TableWriter:
     """Streams record batches into a Parquet file as row groups; atomic on close.
 
     Use as a context manager; if the block raises, the destination is left untouched.
+
+    With ``partial_dir`` each ``write(rows, group=k)`` is also a finished shard file there, written
+    atomically, and a rerun after a kill skips the groups whose shards exist (``todo``); they
+    count only while ``fingerprint`` (what the rows depend on) is unchanged. On success the shards
+    are joined into the destination, one row group each, and the folder is removed. It must sit
+    outside the stage's DVC outputs, which DVC deletes before a stage runs.
+
+    Under torchrun (``ranks`` with world > 1) each rank computes the groups it ``owns`` and rank 0
+    joins everyone's shards once all are done: the same bytes as one process would write.
     """
 
-    def __init__(self, dest: str | os.PathLike, schema: pa.Schema, metadata: dict[str, str] | None = None):
+    def __init__(self, dest: str | os.PathLike, schema: pa.Schema, metadata: dict[str, str] | None = None,
+                 partial_dir: str | os.PathLike | None = None, fingerprint: str = "", ranks=None):
+        from .ranks import Ranks
+
         self.schema = schema.with_metadata(metadata) if metadata else schema
+        self.ranks = ranks or Ranks()
+        if self.ranks.world > 1 and partial_dir is None:
+            raise ValueError(f"{dest}: several ranks need a partial_dir to share their row groups")
         self._ctx = atomic_path(dest)
         self._writer: pq.ParquetWriter | None = None
         self.num_rows = 0
+        self.partial = Path(partial_dir) if partial_dir is not None else None
+        self.fingerprint = fingerprint
+        self.resumed_groups = 0
+
+    def _shard(self, group: int) -> Path:
+        return self.partial / f"part-{group:06d}.parquet"
+
+    @property
+    def joins(self) -> bool:
+        return self.ranks.rank == 0
 
     def __enter__(self) -> "TableWriter":
-        tmp = self._ctx.__enter__()
-        self._writer = pq.ParquetWriter(tmp, self.schema)
+        if self.partial is not None and self.joins:
+            stamp = self.partial / "fingerprint.txt"
+            if self.partial.exists() and (not stamp.exists() or stamp.read_text() != self.fingerprint):
+                shutil.rmtree(self.partial)  # shards of other inputs or params: start over
+            self.partial.mkdir(parents=True, exist_ok=True)
+            stamp.write_text(self.fingerprint)
+        self.ranks.barrier()
+        if self.joins:
+            tmp = self._ctx.__enter__()
+            self._writer = pq.ParquetWriter(tmp, self.schema)
         return self
 
-    def write(self, rows: dict[str, list]) -> None:
+    def todo(self, group: int) -> bool:
+        """Whether this process must compute the group: its own, and not finished by a killed earlier run."""
+        if not self.ranks.owns(group):
+            return False
+        if self.partial is None or not self._shard(group).exists():
+            return True
+        try:
+            pq.read_metadata(self._shard(group))
+        except (OSError, pa.ArrowInvalid):
+            return True
+        self.resumed_groups += 1
+        return False
+
+    def write(self, rows: dict[str, list], group: int | None = None) -> None:
         if not rows or not len(next(iter(rows.values()))):
             return
         batch = pa.RecordBatch.from_pydict(rows, schema=self.schema)
-        self._writer.write_batch(batch)
-        self.num_rows += batch.num_rows
+        if self.partial is None:
+            self._writer.write_batch(batch)
+            self.num_rows += batch.num_rows
+            return
+        if group is None:
+            raise ValueError("TableWriter with partial_dir: write(rows, group=k) needs the group index")
+        with atomic_path(self._shard(group)) as tmp:
+            pq.write_table(pa.Table.from_batches([batch]), tmp)
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            self.ranks.barrier()  # every rank's shards are finished
+        if not self.joins:
+            return False
+        if exc_type is None and self.partial is not None:
+            for shard in sorted(self.partial.glob("part-*.parquet")):
+                table = pq.read_table(shard, schema=self.schema)
+                self._writer.write_table(table, row_group_size=max(1, table.num_rows))
+                self.num_rows += table.num_rows
         self._writer.close()
-        return self._ctx.__exit__(exc_type, exc, tb)
+        done = self._ctx.__exit__(exc_type, exc, tb)
+        if exc_type is None and self.partial is not None:
+            shutil.rmtree(self.partial)
+        return done
 
 
 def write_table(dest: str | os.PathLike, table: pa.Table | dict, schema: pa.Schema,
