@@ -3,14 +3,19 @@
     python stages/train.py <variant> <manifest> <whisper> <text> <s3> <model_dir> <live_dir> [--resume-dir DIR]
 
 A run that is killed resumes from its last saved step when started again with the same params and
-inputs (the state lives in --resume-dir, which DVC does not clear; see train.fit).
+inputs (the state lives in --resume-dir, which DVC does not clear; see train.fit). Under
+`torchrun --nproc_per_node=N` it trains with DistributedDataParallel; rank 0 writes everything.
 """
 
 import argparse
+import contextlib
+import dataclasses
 
+import torch
 from dvclive import Live
 
 from taste_pipeline import params, train
+from taste_pipeline.ranks import Ranks
 
 
 def main() -> None:
@@ -23,6 +28,10 @@ def main() -> None:
     ap.add_argument("--resume-dir", help="where the resume state is kept between a kill and a rerun")
     args = ap.parse_args()
     p, w, base = params.load("train"), params.load("whisper"), params.load("base")
+    if p.device == "auto":
+        p = dataclasses.replace(p, device="cuda" if torch.cuda.is_available() else "cpu")
+    ranks = Ranks.from_env("nccl" if p.device.startswith("cuda") else "gloo")
+    p = dataclasses.replace(p, device=ranks.device(p.device))
     examples, meta = train.load_split(args.manifest, args.whisper, args.text, args.s3)
     # The held-out speaker follows base.seed, not train.seed: seeds then differ only in initialization and
     # batch order, so a seed sweep compares variants on the same data.
@@ -31,12 +40,16 @@ def main() -> None:
                               examples[0].mid.shape[1], p, w.model)
     print(f"{args.variant}: {model.num_params() / 1e6:.2f} M parameters; {len(train_ex)} train / "
           f"{len(val_ex)} validation utterances (speaker-disjoint); targets {meta['targets']}")
-    with Live(args.live_dir, dvcyaml=None, save_dvc_exp=False) as live:
-        live.log_params({"variant": args.variant, "seed": p.seed, "targets": meta["targets"]})
+    lead = ranks.rank == 0
+    with Live(args.live_dir, dvcyaml=None, save_dvc_exp=False) if lead else contextlib.nullcontext() as live:
+        if lead:
+            live.log_params({"variant": args.variant, "seed": p.seed, "targets": meta["targets"]})
         fp = train.fingerprint(p, args.variant, [args.manifest, args.whisper, args.text, args.s3])
-        summary = train.fit(model, train_ex, val_ex, p, args.model_dir, live, args.resume_dir, fp, p.checkpoint_steps)
-        live.summary["best_val_nll"] = summary["best"]["val_nll"]
-        live.summary["best_epoch"] = summary["best"]["epoch"]
+        summary = train.fit(model, train_ex, val_ex, p, args.model_dir, live, args.resume_dir, fp, p.checkpoint_steps,
+                            ranks)
+        if lead:
+            live.summary["best_val_nll"] = summary["best"]["val_nll"]
+            live.summary["best_epoch"] = summary["best"]["epoch"]
 
 
 if __name__ == "__main__":

@@ -154,6 +154,8 @@ class Train:
     def check(self):
         if not self.lr > 0:
             raise ParamError(f"train.lr: must be positive, got {self.lr}")
+        if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
+            raise ParamError(f"train.device: {self.device!r} is not cpu, cuda, cuda:N or auto")
         if self.checkpoint_steps < 0:
             raise ParamError(f"train.checkpoint_steps: must be 0 or more, got {self.checkpoint_steps}")
         for name in ("epochs", "batch_size", "d_model", "n_heads", "n_layers", "d_ff", "agg_layers", "max_len"):

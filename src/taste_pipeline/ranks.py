@@ -20,12 +20,15 @@ class Ranks:
     local_rank: int = 0
 
     @classmethod
-    def from_env(cls) -> "Ranks":
-        """Read torchrun's environment; join the process group (gloo: only barriers travel) if several."""
+    def from_env(cls, backend: str = "gloo") -> "Ranks":
+        """Read torchrun's environment; join the process group if there are several processes.
+
+        Extraction only needs barriers (gloo); training on GPUs passes ``nccl``.
+        """
         ranks = cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
                     int(os.environ.get("LOCAL_RANK", 0)))
         if ranks.world > 1 and not torch.distributed.is_initialized():
-            torch.distributed.init_process_group("gloo")
+            torch.distributed.init_process_group(backend)
         return ranks
 
     def owns(self, group: int) -> bool:

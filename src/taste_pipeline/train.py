@@ -20,6 +20,7 @@ import torch
 from . import tables
 from .model import ModelConfig, TasteModel
 from .params import Train
+from .ranks import Ranks
 
 
 @dataclass
@@ -226,20 +227,63 @@ def _load_resume(resume_dir: Path, fp: str) -> tuple[dict, dict] | None:
     return info, load_file(str(state_path))
 
 
+def _ddp_backward(net, opt, examples: list[Example], ranks: Ranks, cfg: Train) -> tuple[torch.Tensor, int]:
+    """This rank's share of one global batch: forward, and backward of its token-weighted loss.
+
+    DDP averages gradients over ranks, so each rank's mean loss is scaled by (its target tokens x world
+    / the batch's target tokens): the averaged gradient is then that of the whole batch's token mean.
+    Returns the whole batch's mean loss and its number of target tokens (for logging).
+    """
+    mine = examples[ranks.rank :: ranks.world]
+    weight = 1.0
+    if not mine:  # a last batch smaller than the world: this rank still takes part, with zero weight
+        mine, weight = examples[:1], 0.0
+    batch = to_device(collate(mine), cfg.device)
+    with autocast(cfg.device, cfg.amp):
+        _, targets, loss = net(batch)
+    n_local = (targets != -100).sum().float() * weight
+    stats = torch.stack([n_local, loss.detach().float() * n_local])
+    if torch.distributed.get_backend() != "nccl":
+        stats = stats.cpu()
+    torch.distributed.all_reduce(stats)
+    n_total, loss_sum = stats.tolist()
+    opt.zero_grad(set_to_none=True)
+    (loss * (n_local.to(loss.device) * ranks.world / n_total)).backward()
+    return torch.tensor(loss_sum / n_total), int(n_total)
+
+
 def fit(model: TasteModel, train_ex: list[Example], val_ex: list[Example], cfg: Train, out_dir: str | Path,
-        live=None, resume_dir: str | Path | None = None, fp: str = "", checkpoint_steps: int = 0) -> dict:
+        live=None, resume_dir: str | Path | None = None, fp: str = "", checkpoint_steps: int = 0,
+        ranks: Ranks | None = None) -> dict:
     """Train with AdamW (the ``train`` params); keep the best-validation-NLL weights in ``out_dir``.
 
     With ``resume_dir``, the state is saved at every epoch end (and every ``checkpoint_steps`` steps
     when > 0) and a killed run started again with the same ``fp`` continues where it stopped.
+
+    Under torchrun (``ranks`` with world > 1) the model is wrapped in DistributedDataParallel and each
+    global batch of ``train.batch_size`` is split across the ranks; every rank draws the same batch
+    order, and the loss is weighted by each rank's share of the batch's target tokens, so the step is
+    the one a single process takes on the whole batch (up to float rounding and dropout draws).
+    Rank 0 alone writes checkpoints, resume state and logs.
     """
     from tqdm import tqdm
 
+    ranks = ranks or Ranks()
+    lead = ranks.rank == 0
+    if not lead:
+        live = None
     out_dir = Path(out_dir)
     seed = cfg.seed
     rng = random.Random(seed)
     torch.manual_seed(seed)
     model.to(cfg.device)
+    net = model
+    if ranks.world > 1:
+        # find_unused_parameters: with agg_output "attention" the aggregator's last residual branch
+        # gets no gradient at all (single-process training simply leaves it unchanged too).
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[torch.device(cfg.device).index] if cfg.device.startswith("cuda") else None,
+            find_unused_parameters=True)
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -280,7 +324,7 @@ def fit(model: TasteModel, train_ex: list[Example], val_ex: list[Example], cfg: 
                 else:
                     for k in ("train_loss", "val_nll", "val_top1_acc"):
                         live.log_metric(f"epoch/{k}", e[1][k])
-        if best_state is not None:
+        if best_state is not None and lead:
             model_now = {k: v.clone() for k, v in model.state_dict().items()}
             model.load_state_dict(best_state)
             save_checkpoint(model, out_dir, {"best": best, "seed": seed, "train": dataclasses.asdict(cfg)})
@@ -288,14 +332,14 @@ def fit(model: TasteModel, train_ex: list[Example], val_ex: list[Example], cfg: 
         print(f"resuming {model.cfg.variant} from {resume_dir}: epoch {start_epoch}, step {step}")
 
     def save_state(epoch: int, batch: int, epoch_rng) -> None:
-        if resume_dir is None:
+        if resume_dir is None or not lead:
             return
         _save_resume(resume_dir, model, opt, best_state, {
             "fingerprint": fp, "epoch": epoch, "batch": batch, "step": step, "bad_epochs": bad_epochs,
             "best": best, "history": history, "events": events, "losses": losses, "counts": counts,
             "epoch_rng": [epoch_rng[0], list(epoch_rng[1]), epoch_rng[2]]})
 
-    bar = tqdm(total=total, initial=step, desc=f"train {model.cfg.variant}", unit="step")
+    bar = tqdm(total=total, initial=step, desc=f"train {model.cfg.variant}", unit="step", disable=not lead)
     stopped = False
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
@@ -307,14 +351,17 @@ def fit(model: TasteModel, train_ex: list[Example], val_ex: list[Example], cfg: 
         for b, group in enumerate(groups[first:], first):
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total, cfg)
-            batch = to_device(collate([train_ex[i] for i in group]), cfg.device)
-            with autocast(cfg.device, cfg.amp):
-                _, targets, loss = model(batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if ranks.world == 1:
+                batch = to_device(collate([train_ex[i] for i in group]), cfg.device)
+                with autocast(cfg.device, cfg.amp):
+                    _, targets, loss = net(batch)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                n = int((targets != -100).sum())
+            else:
+                loss, n = _ddp_backward(net, opt, [train_ex[i] for i in group], ranks, cfg)
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
-            n = int((targets != -100).sum())
             losses, counts = losses + loss.item() * n, counts + n
             events.append(["step", loss.item(), opt.param_groups[0]["lr"]])
             if live is not None:
@@ -336,7 +383,8 @@ def fit(model: TasteModel, train_ex: list[Example], val_ex: list[Example], cfg: 
         bar.write(f"epoch {epoch}: train {record['train_loss']:.3f}  val nll {val['nll']:.3f}  val top1 {val['top1_acc']:.3f}")
         if val["nll"] < best["val_nll"]:
             best = {"val_nll": val["nll"], "val_top1_acc": val["top1_acc"], "epoch": epoch}
-            save_checkpoint(model, out_dir, {"best": best, "seed": seed, "train": dataclasses.asdict(cfg)})
+            if lead:
+                save_checkpoint(model, out_dir, {"best": best, "seed": seed, "train": dataclasses.asdict(cfg)})
             if resume_dir is not None:
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             bad_epochs = 0
@@ -349,6 +397,8 @@ def fit(model: TasteModel, train_ex: list[Example], val_ex: list[Example], cfg: 
             break
         save_state(epoch + 1, 0, rng.getstate())
     bar.close()
+    if not lead:
+        return {"best": best, "history": history, "steps": step}
     with tables.atomic_path(out_dir / "history.json") as tmp:
         tmp.write_text(json.dumps(history, indent=2) + "\n")
     if resume_dir is not None:
