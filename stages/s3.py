@@ -8,6 +8,7 @@ Finished row groups are kept in --partial-dir (outside DVC's outputs) until the 
 import argparse
 
 from taste_pipeline import params, s3
+from taste_pipeline.ranks import relaunch
 
 
 def main() -> None:
@@ -18,6 +19,8 @@ def main() -> None:
     ap.add_argument("--partial-dir", help="finished row groups of an interrupted run")
     args = ap.parse_args()
     p = params.load("s3")
+    if relaunch(p.processes, "s3.processes"):
+        return
     n = s3.tokenize_split(args.manifest, args.tokenizer_dir, args.out, p.device, p.batch_size, p.rows_per_group,
                          p.dtype, args.partial_dir)
     print(f"{args.out}: {n} utterances")

@@ -15,7 +15,7 @@ import torch
 from dvclive import Live
 
 from taste_pipeline import params, train
-from taste_pipeline.ranks import Ranks
+from taste_pipeline.ranks import Ranks, relaunch
 
 
 def main() -> None:
@@ -28,6 +28,8 @@ def main() -> None:
     ap.add_argument("--resume-dir", help="where the resume state is kept between a kill and a rerun")
     args = ap.parse_args()
     p, w, base = params.load("train"), params.load("whisper"), params.load("base")
+    if relaunch(p.processes, "train.processes"):
+        return
     if p.device == "auto":
         p = dataclasses.replace(p, device="cuda" if torch.cuda.is_available() else "cpu")
     ranks = Ranks.from_env("nccl" if p.device.startswith("cuda") else "gloo")

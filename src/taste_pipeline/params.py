@@ -73,6 +73,7 @@ class Whisper:
     # longest. [30] = as Whisper was trained; shorter windows are faster (bench/whisper.py: fidelity).
     windows_s: list = field(default_factory=lambda: [30])
     dtype: str = "float32"  # compute precision: float32, bfloat16 or float16
+    processes: int = 1  # > 1: torchrun with this many local processes (one per GPU), row groups split by rank
 
     def check(self):
         w = self.windows_s
@@ -81,6 +82,8 @@ class Whisper:
             raise ParamError(f"whisper.windows_s: must be increasing whole seconds in 1..30, got {w}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ParamError(f"whisper.dtype: {self.dtype!r} is not float32, bfloat16 or float16")
+        if self.processes < 1:
+            raise ParamError(f"whisper.processes: must be at least 1, got {self.processes}")
         if self.batch_size < 1:
             raise ParamError(f"whisper.batch_size: must be at least 1, got {self.batch_size}")
         if self.rows_per_group < 1:
@@ -108,6 +111,7 @@ class S3:
     device: str = "cpu"
     dtype: str = "float32"  # S3 encoder compute precision; the codebook search stays float32
     rows_per_group: int = 64
+    processes: int = 1
 
     def check(self):
         if self.dtype not in ("float32", "bfloat16", "float16"):
@@ -118,6 +122,8 @@ class S3:
             raise ParamError(f"s3.standin_norm: {self.standin_norm!r} is not 'utterance' or 'global'")
         if self.batch_size < 1:
             raise ParamError(f"s3.batch_size: must be at least 1, got {self.batch_size}")
+        if self.processes < 1:
+            raise ParamError(f"s3.processes: must be at least 1, got {self.processes}")
         if self.rows_per_group < 1:
             raise ParamError(f"s3.rows_per_group: must be at least 1, got {self.rows_per_group}")
 
@@ -149,6 +155,7 @@ class Train:
     text_dropout: float = 0.0
     max_len: int = 2048
     checkpoint_steps: int = 0  # resume state every N steps (0: at epoch ends only)
+    processes: int = 1  # > 1: DistributedDataParallel under torchrun with this many local processes
     seed: int = 1337
 
     def check(self):
@@ -156,6 +163,8 @@ class Train:
             raise ParamError(f"train.lr: must be positive, got {self.lr}")
         if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
             raise ParamError(f"train.device: {self.device!r} is not cpu, cuda, cuda:N or auto")
+        if self.processes < 1:
+            raise ParamError(f"train.processes: must be at least 1, got {self.processes}")
         if self.checkpoint_steps < 0:
             raise ParamError(f"train.checkpoint_steps: must be 0 or more, got {self.checkpoint_steps}")
         for name in ("epochs", "batch_size", "d_model", "n_heads", "n_layers", "d_ff", "agg_layers", "max_len"):

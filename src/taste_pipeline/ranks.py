@@ -8,6 +8,7 @@ Without torchrun this is rank 0 of 1 and nothing is initialized.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -41,3 +42,20 @@ class Ranks:
     def device(self, device: str) -> str:
         """``cuda`` means this rank's own GPU when there are several processes."""
         return f"cuda:{self.local_rank}" if device == "cuda" and self.world > 1 else device
+
+
+def relaunch(processes: int, param: str) -> bool:
+    """Start this script again under torchrun with ``processes`` local processes, if asked and not yet.
+
+    Returns True when it did (the caller then has nothing left to do). Several machines: run
+    ``torchrun --nnodes ... stages/<stage>.py ...`` yourself; the stage then sees torchrun's environment
+    and does not relaunch.
+    """
+    if processes < 1:
+        raise ValueError(f"{param}: must be at least 1, got {processes}")
+    if processes == 1 or "LOCAL_RANK" in os.environ:
+        return False
+    from torch.distributed import run
+
+    run.main(["--standalone", f"--nproc_per_node={processes}", sys.argv[0], *sys.argv[1:]])
+    return True
