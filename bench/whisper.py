@@ -12,6 +12,7 @@ Last line: `ratio: <project audio-s per s / baseline audio-s per s>` (0 when fid
 """
 
 import argparse
+import time
 
 import numpy as np
 import torch
@@ -20,6 +21,19 @@ from common import describe, speech_mix, timed
 from taste_pipeline import params, whisper
 
 FIDELITY = 0.99
+
+
+class Timed:
+    """The feature extractor, with the seconds spent in it."""
+
+    def __init__(self, extractor):
+        self.extractor, self.seconds = extractor, 0.0
+
+    def __call__(self, *args, **kwargs):
+        t = time.perf_counter()
+        out = self.extractor(*args, **kwargs)
+        self.seconds += time.perf_counter() - t
+        return out
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -45,8 +59,8 @@ def main() -> None:
           + (f" ({torch.cuda.get_device_name(device)})" if device.startswith("cuda") else ""))
     model = whisper.load_model(args.model)
     ext = whisper.load_feature_extractor(args.model, model.config.num_mel_bins)
-    base = whisper.WhisperStates(model, ext, p.mid_layer, batch_size=1, device=device)
-    proj = whisper.WhisperStates(model, ext, p.mid_layer, args.batch_size, device, args.windows_s, args.dtype)
+    base = whisper.WhisperStates(model, Timed(ext), p.mid_layer, batch_size=1, device=device)
+    proj = whisper.WhisperStates(model, Timed(ext), p.mid_layer, args.batch_size, device, args.windows_s, args.dtype)
 
     def run(states):
         out = [states([a])[0] for a in audios] if states is base else states(audios)
@@ -55,6 +69,7 @@ def main() -> None:
         return out
 
     run(base), run(proj)  # warm-up: first calls pay for allocation and kernel choice
+    base.extractor.seconds = proj.extractor.seconds = 0.0
     ref, t_base = timed(run, base)
     got, t_proj = timed(run, proj)
     per_frame = [np.minimum(cosines(m, rm), cosines(l, rl)) for (m, l), (rm, rl) in zip(got, ref)]
@@ -65,6 +80,12 @@ def main() -> None:
           f"{seconds / t_proj:.1f} audio-s/s")
     print(f"fidelity: mean cosine per frame {fidelity:.4f}; worst utterance #{wi} "
           f"({len(audios[wi]) / 16000:.1f} s): {worst:.4f}")
+    # Where the time goes: log-mel (numpy, proportional to padded window length) and the encoder, and
+    # how many seconds of (padded) windows each side pushes through the encoder.
+    for name, st, t in (("baseline", base, t_base), ("project ", proj, t_proj)):
+        padded = sum(w.size for w in whisper.windows([len(a) for a in audios], st.sizes)) / 16000
+        print(f"profile {name}: log-mel {st.extractor.seconds:.2f} s, encoder and rest {t - st.extractor.seconds:.2f} s; "
+              f"{padded:.0f} s of padded windows for {seconds:.0f} s of audio")
     ratio = t_base / t_proj
     if fidelity < FIDELITY:
         print(f"fidelity {fidelity:.4f} < {FIDELITY}: the speed-up ({ratio:.2f}) does not count")

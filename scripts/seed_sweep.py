@@ -22,8 +22,10 @@ def experiments() -> dict[str, dict]:
     runs = {}
     for rev in out:
         # The workspace and the experiments; not the baseline commit, whose committed metrics may be stale.
+        # An experiment still running (or queued, or failed) shows the workspace's metrics: skip it.
         candidates = ([rev] if rev.get("rev") == "workspace" else []) + [
-            e for exp in (rev.get("experiments") or []) for e in exp.get("revs", [])]
+            e for exp in (rev.get("experiments") or []) for e in exp.get("revs", [])
+            if (exp.get("executor") or {}).get("state") in (None, "success")]
         for c in candidates:
             data = c.get("data") or {}
             seed = (((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}).get("train", {}).get("seed")

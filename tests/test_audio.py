@@ -63,7 +63,7 @@ def _flac_bytes(x, rate):
 
 @pytest.fixture()
 def odd_split(tmp_path):
-    """Odd but valid inputs (0-2, 8-9) and bad ones (3-7, 10-12), in LibriSpeech layout."""
+    """Odd but valid inputs (0-2, 8-9, 13-14) and bad ones (3-7, 10-12), in LibriSpeech layout."""
     root = tmp_path / "odd"
     _write_chapter(root, "1", "10", {
         0: (_tone(44100, 1.0, channels=2), 44100, "PCM_24", ".wav", "STEREO TWENTY FOUR BIT"),
@@ -78,6 +78,8 @@ def odd_split(tmp_path):
         9: (_tone(22050, 2.0) * 0.002, 22050, "PCM_16", ".flac", "VERY QUIET BUT NOT SILENT"),  # -60 dBFS + 6 dB
         10: (_flac_bytes(_tone(16000, 3.0), 16000)[:6000], 0, None, ".flac", "TRUNCATED FLAC"),
         11: (np.zeros(16000), 16000, "PCM_16", ".flac", "PURE SILENCE"),
+        13: (_tone(44100, 1.25), 44100, "PCM_24", ".flac", "FORTY FOUR POINT ONE KILOHERTZ TWENTY FOUR BIT"),
+        14: (_tone(16000, 0.75, channels=2), 16000, "PCM_16", ".flac", "STEREO AT SIXTEEN KILOHERTZ"),
     })
     (root / "1" / "10" / "1-10-0012.flac").symlink_to(root / "1" / "10" / "gone.flac")  # points nowhere
     with open(root / "1" / "10" / "1-10.trans.txt", "a") as f:
@@ -85,19 +87,21 @@ def odd_split(tmp_path):
     return root
 
 
-GOOD = {"1-10-0000", "1-10-0001", "1-10-0002", "1-10-0008", "1-10-0009"}
+GOOD = {"1-10-0000", "1-10-0001", "1-10-0002", "1-10-0008", "1-10-0009", "1-10-0013", "1-10-0014"}
 
 
 def test_any_rate_and_channel_count_becomes_16k_mono(odd_split, tmp_path):
     out = tmp_path / "out"
     kept, rejected = audio.resample_split(odd_split, out)
     rows = {r["utt_id"]: r for r in tables.read_manifest(out / "manifest.parquet").to_pylist()}
-    assert set(rows) == GOOD and (kept, rejected) == (5, 8)
+    assert set(rows) == GOOD and (kept, rejected) == (7, 8)
     assert rows["1-10-0000"]["num_samples"] == 16000  # 1 s of 44.1 kHz stereo
     assert rows["1-10-0001"]["num_samples"] == 16000  # 1 s of 8 kHz
     assert rows["1-10-0002"]["duration"] == pytest.approx(60.0)  # over 30 s: kept whole
     assert rows["1-10-0008"]["text"] == "NAÏVE CAFÉ — ÜBER SPRÖDE"
     assert rows["1-10-0009"]["num_samples"] == 32000
+    assert rows["1-10-0013"]["num_samples"] == 20000  # 1.25 s of 44.1 kHz 24-bit
+    assert rows["1-10-0014"]["num_samples"] == 12000  # 0.75 s of 16 kHz stereo
     x = audio.load_utterance(out, rows["1-10-0000"])
     spectrum = np.abs(np.fft.rfft(x))
     assert np.argmax(spectrum) * 16000 / len(x) == pytest.approx(440, abs=2)  # the tone survives

@@ -33,7 +33,8 @@ def repo(tmp_path_factory):
     p["synthesize"].update(train_utterances=6, test_utterances=3, train_voices=["en-us", "en+f4"],
                            test_voices=["en-us+m3"])
     p["s3"].update(standin_units=16)
-    p["train"].update(epochs=2, batch_size=2, d_model=32, n_heads=2, n_layers=1, d_ff=64, agg_layers=1, warmup_steps=2)
+    p["train"].update(epochs=2, batch_size=2, d_model=32, n_heads=2, n_layers=1, d_ff=64, agg_layers=1, warmup_steps=2,
+                      val_speakers=1)
     p["evaluate"].update(attention_utterances=1)
     (repo / "params.yaml").write_text(yaml.safe_dump(p))
     _run(["git", "init", "-q"], repo)

@@ -85,3 +85,11 @@ def test_load_split_names_a_missing_utterance(tiny_resampled, tmp_path):
     pq.write_table(t.slice(1), tmp_path / "t2.parquet")
     with pytest.raises(ValueError, match=f"text table lacks utterance {t.column('utt_id')[0].as_py()}"):
         train.load_split(m, tmp_path / "w.parquet", tmp_path / "t2.parquet", tmp_path / "s.parquet")
+
+
+def test_initial_weights_follow_the_training_seed():
+    p = Train(d_model=32, n_heads=2, n_layers=1, d_ff=64, agg_layers=1, agg_init="fresh", seed=3)
+    a, b = (train.build_model("taste", 8, 384, 384, p, None).state_dict() for _ in range(2))
+    c = train.build_model("taste", 8, 384, 384, Train(**{**p.__dict__, "seed": 4}), None).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)

@@ -410,7 +410,12 @@ def fit(model: TasteModel, train_ex: list[Example], val_ex: list[Example], cfg: 
 
 def build_model(variant: str, vocab_size: int, d_query: int, d_audio: int, p: Train,
                 whisper_model: str | None) -> TasteModel:
-    """A fresh model from the ``train`` params; the aggregator starts from Whisper when asked."""
+    """A fresh model from the ``train`` params; the aggregator starts from Whisper when asked.
+
+    The initial weights follow ``train.seed``: torch seeds its default generator at random in every
+    process, so without this the same params would train a different model each run.
+    """
+    torch.manual_seed(p.seed)
     cfg = ModelConfig(variant=variant, vocab_size=vocab_size, d_query=d_query, d_audio=d_audio,
                       agg_layers=p.agg_layers, agg_value_layers=p.agg_value_layers,
                       agg_freeze_alignment=p.agg_freeze_alignment, agg_output=p.agg_output, agg_init=p.agg_init,
