@@ -12,6 +12,7 @@ Two tokenizers share one interface (``tokenize(audios) -> list[np.ndarray]``):
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -92,8 +93,8 @@ class S3Tokens:
             self.model.init_from_onnx(str(onnx_path))
         self.model = self.model.to(device).eval()
         self.dtype = dtypes[dtype]
-        self.encoder = self.model.encoder if self.dtype == torch.float32 else \
-            __import__("copy").deepcopy(self.model.encoder).to(self.dtype)
+        # A separate low-precision copy: the float32 model stays intact for the long-audio path.
+        self.encoder = self.model.encoder if self.dtype == torch.float32 else copy.deepcopy(self.model.encoder).to(self.dtype)
         self.device = device
         self.batch_size = batch_size
 
