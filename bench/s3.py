@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from common import describe, speech_mix, timed
-from taste_pipeline import params, s3
+from taste_pipeline import hardware, params, s3
 
 FIDELITY = 0.99
 
@@ -31,13 +31,14 @@ def main() -> None:
     ap.add_argument("--device", default=p.device)
     ap.add_argument("--onnx", help="a real speech_tokenizer_v1.onnx, if you have one (then codes are compared too)")
     args = ap.parse_args()
+    args.device = hardware.resolve_device(args.device, "s3.device")
 
     # s3tokenizer's encoder window is 30 s; longer utterances take its one-at-a-time long-audio path.
     audios = [a for a in speech_mix(args.manifest) if len(a) <= s3.MAX_SAMPLES]
     seconds = sum(len(a) for a in audios) / 16000
     print(f"mix: {describe(audios)}")
     print(f"machine: {torch.get_num_threads()} torch threads, device {args.device}"
-          + (f" ({torch.cuda.get_device_name(args.device)})" if args.device.startswith("cuda") else ""))
+          + (f" ({torch.cuda.get_device_name(args.device)})" if args.device.startswith("cuda") else f" ({hardware.cpu_description()})"))
     print("weights: " + (args.onnx if args.onnx else "RANDOM (speed and encoder-state fidelity only; codes are meaningless)"))
     torch.manual_seed(0)
     base = s3.S3Tokens(args.onnx, args.device, batch_size=1)
@@ -73,7 +74,8 @@ def main() -> None:
                           for (g, _), (r, _) in zip(got, ref)])
     same = np.mean([float((gc == rc).float().mean()) for (_, gc), (_, rc) in zip(got, ref)])
     print(f"baseline (batch 1, real length, float32): {t_base:.2f} s, {seconds / t_base:.1f} audio-s/s")
-    print(f"project  (batch {args.batch_size}, length-sorted, {args.dtype}): {t_proj:.2f} s, {seconds / t_proj:.1f} audio-s/s")
+    print(f"project  (batch {args.batch_size}, length-sorted, {args.dtype} -> {proj.dtype_name}): {t_proj:.2f} s, "
+          f"{seconds / t_proj:.1f} audio-s/s")
     print(f"fidelity: encoder states, centered, mean cosine per frame {cos.mean():.4f} (min {cos.min():.4f}); "
           f"same code {same:.4f}" + ("" if args.onnx else " (random weights: not meaningful)"))
     ratio = t_base / t_proj

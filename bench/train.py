@@ -7,7 +7,8 @@ examples (random features with the corpus's shapes: a length mix of 2-16 s, ~3 t
 throughput does not depend on the values). The model is built fresh (agg_init: fresh), so no Whisper
 weights are needed; the cost is the same.
 Baseline: every batch padded to the corpus-wide maximum length, float32.
-Project:  length-sorted batches (train.batches), bfloat16 autocast when `train.amp`.
+Project:  length-sorted batches (train.batches), autocast as `train.amp` resolves on this machine
+          (auto: bfloat16 only where it is native, else float32).
 Prints where the time goes (data = collate + copy, forward, backward + optimizer) and, as its last
 line, `ratio: <project target tokens per s / baseline target tokens per s>`. No target yet (issue 5).
 """
@@ -20,7 +21,7 @@ import time
 import numpy as np
 import torch
 
-from taste_pipeline import params, train
+from taste_pipeline import hardware, params, train
 
 
 def synthetic(n: int, d_query: int, d_audio: int, vocab: int, seed: int = 0) -> list[train.Example]:
@@ -89,22 +90,24 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=p.batch_size)
     ap.add_argument("--device", default=p.device)
     args = ap.parse_args()
-    cfg = dataclasses.replace(p, agg_init="fresh", batch_size=args.batch_size, device=args.device)
+    device = hardware.resolve_device(args.device, "train.device")
+    amp = hardware.resolve_amp(p.amp, device)
+    cfg = dataclasses.replace(p, agg_init="fresh", batch_size=args.batch_size, device=device, amp=amp)
     examples = synthetic(args.utterances, 384, 384, 128)
     sizes = {"text_emb": max(len(e.text_emb) for e in examples), "mid": max(len(e.mid) for e in examples),
              "last": max(len(e.mid) for e in examples), "units": max(len(e.units) for e in examples)}
-    print(f"data: {len(examples)} synthetic utterances, 2-16 s, batch {args.batch_size}, device {args.device}, "
-          f"{torch.get_num_threads()} torch threads")
+    print(f"data: {len(examples)} synthetic utterances, 2-16 s, batch {args.batch_size}, device {device}, "
+          f"{torch.get_num_threads()} torch threads; {hardware.cpu_description()}")
     results = {}
     for name, amp, pad, groups in (
             ("baseline (max-padded, float32)", False, sizes,
              [list(range(i, min(i + args.batch_size, len(examples)))) for i in range(0, len(examples), args.batch_size)]),
-            (f"project  (length-sorted, {'bfloat16 autocast' if cfg.amp else 'float32'})", cfg.amp, None,
+            (f"project  (length-sorted, train.amp {p.amp} -> {amp})", amp, None,
              train.batches(examples, args.batch_size, random.Random(0)))):
         torch.manual_seed(0)
-        model = train.build_model("taste", 128, 384, 384, cfg, None).to(args.device)
-        run(model, examples, groups[:2], cfg, args.device, amp, pad)  # warm-up
-        r = run(model, examples, groups, cfg, args.device, amp, pad)
+        model = train.build_model("taste", 128, 384, 384, cfg, None).to(device)
+        run(model, examples, groups[:2], cfg, device, amp, pad)  # warm-up
+        r = run(model, examples, groups, cfg, device, amp, pad)
         results[name] = r
         print(f"{name}: {r['tokens_per_s']:.0f} target tokens/s; time {r['total']:.1f} s = data {r['data']:.1f} + "
               f"forward {r['forward']:.1f} + backward/optimizer {r['backward']:.1f}")

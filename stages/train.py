@@ -11,10 +11,9 @@ import argparse
 import contextlib
 import dataclasses
 
-import torch
 from dvclive import Live
 
-from taste_pipeline import params, train
+from taste_pipeline import hardware, params, train
 from taste_pipeline.ranks import Ranks, relaunch
 
 
@@ -30,10 +29,14 @@ def main() -> None:
     p, w, base = params.load("train"), params.load("whisper"), params.load("base")
     if relaunch(p.processes, "train.processes"):
         return
-    if p.device == "auto":
-        p = dataclasses.replace(p, device="cuda" if torch.cuda.is_available() else "cpu")
-    ranks = Ranks.from_env("nccl" if p.device.startswith("cuda") else "gloo")
-    p = dataclasses.replace(p, device=ranks.device(p.device))
+    device = hardware.resolve_device(p.device, "train.device")
+    ranks = Ranks.from_env("nccl" if device.startswith("cuda") else "gloo")
+    device = ranks.device(device)
+    # auto becomes concrete here: the fingerprint, the checkpoint and the DVCLive params all see that.
+    amp = hardware.resolve_amp(p.amp, device)
+    if ranks.rank == 0:
+        print(hardware.describe(str(p.amp).lower(), amp, "train.amp", device))
+    p = dataclasses.replace(p, device=device, amp=amp)
     examples, meta = train.load_split(args.manifest, args.whisper, args.text, args.s3)
     # The held-out speaker follows base.seed, not train.seed: seeds then differ only in initialization and
     # batch order, so a seed sweep compares variants on the same data.
@@ -45,7 +48,8 @@ def main() -> None:
     lead = ranks.rank == 0
     with Live(args.live_dir, dvcyaml=None, save_dvc_exp=False) if lead else contextlib.nullcontext() as live:
         if lead:
-            live.log_params({"variant": args.variant, "seed": p.seed, "targets": meta["targets"]})
+            live.log_params({"variant": args.variant, "seed": p.seed, "targets": meta["targets"], "amp": amp,
+                             "device": device, "cpu": hardware.cpu_description()})
         fp = train.fingerprint(p, args.variant, [args.manifest, args.whisper, args.text, args.s3])
         summary = train.fit(model, train_ex, val_ex, p, args.model_dir, live, args.resume_dir, fp, p.checkpoint_steps,
                             ranks)

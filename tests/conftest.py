@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny espeak corpus made once per test session, and the embedded Whisper."""
+"""Shared fixtures, made once per test session: a tiny espeak corpus, its resampled train split, the
+embedded Whisper, and the split's whisper / text / stand-in target tables."""
 
 from __future__ import annotations
 
@@ -33,3 +34,18 @@ def tiny_resampled(tiny_corpus, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_whisper():
     return whisper.load_model(whisper.EMBEDDED)
+
+
+@pytest.fixture(scope="session")
+def tiny_tables(tiny_resampled, tmp_path_factory) -> dict[str, Path]:
+    """The tables the train stage joins, for the tiny train split (8 stand-in units)."""
+    from taste_pipeline import params, s3, text
+
+    out = tmp_path_factory.mktemp("tables")
+    m = tiny_resampled / "manifest.parquet"
+    whisper.extract_split(m, out / "w.parquet", params.Whisper(batch_size=4, rows_per_group=8))
+    text.extract_split(m, out / "t.parquet", whisper.EMBEDDED, "lower")
+    s3.prepare_tokenizer(s3.STANDIN, out / "tok", m, 8, 0)
+    s3.tokenize_split(m, out / "tok", out / "s.parquet")
+    return {"manifest_path": m, "whisper_path": out / "w.parquet", "text_path": out / "t.parquet",
+            "s3_path": out / "s.parquet"}

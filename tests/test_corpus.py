@@ -2,6 +2,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 import soundfile as sf
 
 from conftest import TEST_VOICES, TRAIN_VOICES
@@ -37,6 +38,7 @@ def test_test_split_is_disjoint_from_train(tiny_corpus):
     assert not {t for t, _ in train.values()} & {t for t, _ in test.values()}
 
 
+@pytest.mark.slow
 def test_two_runs_in_separate_processes_are_byte_identical(tmp_path):
     code = ("import sys; sys.path.insert(0, 'tests'); from conftest import make_corpus; "
             "from pathlib import Path; make_corpus(Path(sys.argv[1]), train=6, test=2, seed=3)")
@@ -71,6 +73,7 @@ def test_unknown_voice_is_a_clear_error(tmp_path):
         corpus.synthesize(tmp_path, "a", "b", 2, 1, ["xx-nonexistent"], ["en-us"], 1, 0.1, 300, 0)
 
 
+@pytest.mark.slow
 def test_every_default_voice_is_reproducible_across_processes():
     """The same text in each params.yaml voice, synthesized in two processes, gives the same samples."""
     from pathlib import Path

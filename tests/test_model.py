@@ -142,16 +142,13 @@ def test_context_layers_read_last_layer_values_and_are_frozen(tiny_whisper):
     assert not torch.allclose(out1, out2)
 
 
-def test_pretrained_aggregator_aligns_text_to_speech(tiny_whisper, tiny_resampled, tmp_path):
+def test_pretrained_aggregator_aligns_text_to_speech(tiny_whisper, tiny_tables):
     """On real speech, each token's attention peak moves forward in time with the token (at init)."""
     import numpy as np
 
-    from taste_pipeline import tables, text
+    from taste_pipeline import tables
 
-    m = tiny_resampled / "manifest.parquet"
-    whisper.extract_split(m, tmp_path / "w.parquet", params.Whisper(batch_size=4, rows_per_group=8))
-    text.extract_split(m, tmp_path / "t.parquet", whisper.EMBEDDED, "lower")
-    w, t = tables.read_whisper(tmp_path / "w.parquet"), tables.read_text(tmp_path / "t.parquet")
+    w, t = tables.read_whisper(tiny_tables["whisper_path"]), tables.read_text(tiny_tables["text_path"])
     model = TasteModel(ModelConfig(vocab_size=16, agg_layers=4, agg_value_layers=1, dropout=0.0)).eval()
     model.aggregator.init_from_whisper(tiny_whisper)
     attn = model.aggregator.layers[-1].encoder_attn

@@ -37,6 +37,10 @@ def test_repo_params_load(monkeypatch):
     ("train", {"epochs": 0}, "train.epochs"),
     ("train", {"checkpoint_steps": -1}, "train.checkpoint_steps"),
     ("s3", {"dtype": "int8"}, "s3.dtype"),
+    ("s3", {"device": "gpu"}, "s3.device"),
+    ("train", {"amp": "fp8"}, "train.amp"),
+    ("train", {"amp": 1}, "train.amp"),
+    ("train", {"device": "cuda:x"}, "train.device"),
     ("synthesize", {"pause_prob": 2.0, "train_voices": ["en"], "test_voices": ["en-us"]}, "synthesize.pause_prob"),
 ])
 def test_bad_values_name_the_param(tmp_path, section, doc, match):

@@ -11,6 +11,8 @@ import yaml
 
 from taste_pipeline import tables
 
+pytestmark = pytest.mark.slow  # whole pipelines and torchrun: deselect with -m 'not slow'
+
 ROOT = Path(__file__).parents[1]
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = pytest.mark.slow  # torchrun with 2 processes: deselect with -m 'not slow'
+
 REPO = Path(__file__).resolve().parents[1]
 
 

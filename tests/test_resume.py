@@ -19,12 +19,14 @@ from taste_pipeline import train
 from taste_pipeline.model import ModelConfig, TasteModel
 from taste_pipeline.params import Train
 
+from taste_pipeline.ranks import Ranks
 out_dir, resume_dir, kill_at, log_path = sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+ranks = Ranks.from_env()  # under torchrun: 2 ranks, and only the last one is killed
 calls = {"n": 0}
 collate = train.collate
 def dying_collate(*a, **kw):  # SIGKILL: no cleanup, no finally blocks, as when the machine kills us
     calls["n"] += 1
-    if calls["n"] == kill_at:
+    if calls["n"] == kill_at and ranks.rank == ranks.world - 1:
         os.kill(os.getpid(), signal.SIGKILL)
     return collate(*a, **kw)
 train.collate = dying_collate
@@ -41,15 +43,30 @@ live = Recorder()
 torch.manual_seed(0)
 model = TasteModel(ModelConfig(variant="taste", vocab_size=8, d_model=32, n_heads=2, n_layers=2, d_ff=64,
                                agg_layers=1, agg_heads=2, agg_ffn=64, dropout=0.1))  # dropout: RNG matters
-summary = train.fit(model, tr, va, cfg, out_dir, live, resume_dir if resume_dir != "-" else None, "fp", 2)
-json.dump({"history": summary["history"], "log": live.rows}, open(log_path, "w"))
+summary = train.fit(model, tr, va, cfg, out_dir, live, resume_dir if resume_dir != "-" else None, "fp", 2,
+                    ranks=ranks)
+if ranks.rank == 0:
+    json.dump({"history": summary["history"], "log": live.rows}, open(log_path, "w"))
 """
 
 
-def _run(tmp_path, out, resume, kill_at, log):
+def _run(tmp_path, out, resume, kill_at, log, ranks=1):
     env = dict(os.environ, PYTHONHASHSEED="0")
-    return subprocess.run([sys.executable, "-c", CHILD, str(Path(__file__).parent), str(out), str(resume),
-                           str(kill_at), str(log)], env=env, capture_output=True, text=True)
+    args = [str(Path(__file__).parent), str(out), str(resume), str(kill_at), str(log)]
+    if ranks == 1:
+        return subprocess.run([sys.executable, "-c", CHILD, *args], env=env, capture_output=True, text=True)
+    (tmp_path / "child.py").write_text(CHILD)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+                           str(tmp_path / "child.py"), *args], env=env, capture_output=True, text=True, timeout=600)
+
+
+def _same_result(a_dir, b_dir):
+    want, got = load_file(a_dir / "model" / "model.safetensors"), load_file(b_dir / "model" / "model.safetensors")
+    assert want.keys() == got.keys()
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
+    a, b = json.loads((a_dir / "log.json").read_text()), json.loads((b_dir / "log.json").read_text())
+    assert a["history"] == b["history"] and a["log"] == b["log"]
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +79,7 @@ def uninterrupted(tmp_path_factory):
 
 # collate calls: 5 training batches per epoch, then 1 validation batch. 8 = mid-epoch 2 (after a
 # step checkpoint), 12 = during validation of epoch 2, 20 = mid-epoch 4.
+@pytest.mark.slow
 @pytest.mark.parametrize("kill_at", [8, 12, 20])
 def test_killed_training_resumes_to_the_same_result(tmp_path, uninterrupted, kill_at):
     resume = tmp_path / "resume"
@@ -71,15 +89,36 @@ def test_killed_training_resumes_to_the_same_result(tmp_path, uninterrupted, kil
     second = _run(tmp_path, tmp_path / "model", resume, 0, tmp_path / "log.json")
     assert second.returncode == 0, second.stderr[-2000:]
     assert "resuming" in second.stdout
-    want, got = load_file(uninterrupted / "model" / "model.safetensors"), load_file(tmp_path / "model" / "model.safetensors")
-    assert want.keys() == got.keys()
-    for k in want:
-        assert torch.equal(want[k], got[k]), k
-    a, b = json.loads((uninterrupted / "log.json").read_text()), json.loads((tmp_path / "log.json").read_text())
-    assert a["history"] == b["history"] and a["log"] == b["log"]
+    _same_result(uninterrupted, tmp_path)
     assert not resume.exists()  # a finished run leaves no resume state behind
 
 
+@pytest.mark.slow
+def test_two_ranks_killed_resume_together_to_the_same_result(tmp_path):
+    """Every rank resumes (not only rank 0), each with its own RNG states (dropout draws differ per rank)."""
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    r = _run(whole, whole / "model", "-", 0, whole / "log.json", ranks=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    resume = tmp_path / "resume"
+    first = _run(tmp_path, tmp_path / "model", resume, 8, tmp_path / "log.json", ranks=2)
+    assert first.returncode != 0 and not (tmp_path / "log.json").exists()
+    assert {"state.json", "rng.rank0.safetensors", "rng.rank1.safetensors"} <= {p.name for p in resume.iterdir()}
+    second = _run(tmp_path, tmp_path / "model", resume, 0, tmp_path / "log.json", ranks=2)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.stdout.count("resuming") == 2, second.stdout[-2000:]  # both ranks
+    _same_result(whole, tmp_path)
+
+
+def test_the_fingerprint_ignores_the_device():
+    """Under torchrun each rank's device differs (cuda:0, cuda:1): all must find the same state."""
+    from taste_pipeline import train
+    from taste_pipeline.params import Train
+
+    assert train.fingerprint(Train(device="cuda:0"), "taste") == train.fingerprint(Train(device="cuda:1"), "taste")
+
+
+@pytest.mark.slow
 def test_a_state_for_other_params_or_inputs_is_not_resumed(tmp_path):
     from taste_pipeline import train
     from taste_pipeline.params import Train
@@ -119,6 +158,7 @@ REPO = Path(__file__).resolve().parents[1]
 S3_CALL = "from taste_pipeline import s3; s3.tokenize_split(*sys.argv[:3], rows_per_group=2, partial_dir=sys.argv[3])"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["whisper", "s3"])
 def test_killed_extraction_resumes_from_finished_row_groups(tiny_resampled, tmp_path, stage):
     import yaml

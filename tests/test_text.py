@@ -9,11 +9,9 @@ def tok_table():
     return text.load(whisper.EMBEDDED)
 
 
-def test_token_ids_decode_back_to_the_transcript(tiny_resampled, tmp_path, tok_table):
-    out = tmp_path / "t.parquet"
-    text.extract_split(tiny_resampled / "manifest.parquet", out, whisper.EMBEDDED, "lower")
-    table = tables.read_text(out)
-    manifest = {r["utt_id"]: r["text"] for r in tables.read_manifest(tiny_resampled / "manifest.parquet").to_pylist()}
+def test_token_ids_decode_back_to_the_transcript(tiny_tables, tok_table):
+    table = tables.read_text(tiny_tables["text_path"])
+    manifest = {r["utt_id"]: r["text"] for r in tables.read_manifest(tiny_tables["manifest_path"]).to_pylist()}
     tokenizer, emb_table = tok_table
     special = set(tokenizer.all_special_ids)
     for i, row in enumerate(table.select(["utt_id", "token_ids"]).to_pylist()):

@@ -70,21 +70,14 @@ def test_collate_can_borrow_speech_from_other_utterances():
     torch.testing.assert_close(b["text_emb"][0, : len(ex[0].text_emb)], ex[0].text_emb.float())
 
 
-def test_load_split_names_a_missing_utterance(tiny_resampled, tmp_path):
-    from taste_pipeline import s3, text, whisper
-
-    m = tiny_resampled / "manifest.parquet"
-    whisper.extract_split(m, tmp_path / "w.parquet", params.Whisper(batch_size=4, rows_per_group=8))
-    text.extract_split(m, tmp_path / "t.parquet", whisper.EMBEDDED, "lower")
-    s3.prepare_tokenizer(s3.STANDIN, tmp_path / "tok", m, 8, 0)
-    s3.tokenize_split(m, tmp_path / "tok", tmp_path / "s.parquet")
-    ex, meta = train.load_split(m, tmp_path / "w.parquet", tmp_path / "t.parquet", tmp_path / "s.parquet")
+def test_load_split_names_a_missing_utterance(tiny_tables, tmp_path):
+    ex, meta = train.load_split(**tiny_tables)
     assert len(ex) == 8 and meta["vocab_size"] == "8"
     assert all(len(e.units) == len(e.mid) for e in ex)  # both 50 Hz, ceil(n / 320)
-    t = pq.read_table(tmp_path / "t.parquet")
+    t = pq.read_table(tiny_tables["text_path"])
     pq.write_table(t.slice(1), tmp_path / "t2.parquet")
     with pytest.raises(ValueError, match=f"text table lacks utterance {t.column('utt_id')[0].as_py()}"):
-        train.load_split(m, tmp_path / "w.parquet", tmp_path / "t2.parquet", tmp_path / "s.parquet")
+        train.load_split(**dict(tiny_tables, text_path=tmp_path / "t2.parquet"))
 
 
 def test_initial_weights_follow_the_training_seed():

@@ -24,20 +24,23 @@ def attention(model, ex: train.Example) -> np.ndarray:
     """(text tokens, frames) cross-attention of the aggregator's last layer, mean over heads."""
     attn = model.aggregator.layers[-1].encoder_attn
     attn.keep_weights = True
+    device = next(model.parameters()).device
     try:
-        b = train.collate([ex])
-        mask = torch.ones(1, len(ex.mid), dtype=torch.bool)
+        b = train.to_device(train.collate([ex]), device)
+        mask = torch.ones(1, len(ex.mid), dtype=torch.bool, device=device)
         model.speech_vectors(b["text_emb"], b["mid"], b["last"], mask)
         w = attn.last_weights[0].mean(0)[model.aggregator.PREFIX :]
     finally:
         attn.keep_weights, attn.last_weights = False, None
-    return w.numpy()
+    return w.float().cpu().numpy()
 
 
 def run(test_files: dict, train_s3: str, model_dirs: dict[str, str], text_model: str, seed: int,
         batch_size: int, attention_utterances: int, metrics_path: str, plots_dir: str, device: str = "cpu") -> dict:
+    from . import hardware
     from . import text as text_mod
 
+    device = hardware.resolve_device(device, "train.device")
     plots = Path(plots_dir)
     plots.mkdir(parents=True, exist_ok=True)
     test, meta = train.load_split(**test_files)

@@ -9,9 +9,18 @@ from typing import Any, get_type_hints
 
 import yaml
 
+from . import hardware
+
 
 class ParamError(ValueError):
     pass
+
+
+def _device(device: str, param: str) -> None:
+    try:
+        hardware.check_device(device, param)
+    except ValueError as e:
+        raise ParamError(str(e)) from None
 
 
 @dataclass(frozen=True)
@@ -72,7 +81,7 @@ class Whisper:
     # Encoder windows (s); each utterance takes the shortest that holds it, longer ones are cut into the
     # longest. [30] = as Whisper was trained; shorter windows are faster (bench/whisper.py: fidelity).
     windows_s: list = field(default_factory=lambda: [30])
-    dtype: str = "float32"  # compute precision: float32, bfloat16 or float16
+    dtype: str = "auto"  # compute precision: auto (bfloat16 only where native), float32, bfloat16 or float16
     processes: int = 1  # > 1: torchrun with this many local processes (one per GPU), row groups split by rank
 
     def check(self):
@@ -80,16 +89,15 @@ class Whisper:
         if not w or any(not isinstance(x, int) or isinstance(x, bool) or not 1 <= x <= 30 for x in w) \
                 or sorted(set(w)) != list(w):
             raise ParamError(f"whisper.windows_s: must be increasing whole seconds in 1..30, got {w}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ParamError(f"whisper.dtype: {self.dtype!r} is not float32, bfloat16 or float16")
+        if self.dtype not in hardware.CHOICES:
+            raise ParamError(f"whisper.dtype: {self.dtype!r} is not one of {list(hardware.CHOICES)}")
         if self.processes < 1:
             raise ParamError(f"whisper.processes: must be at least 1, got {self.processes}")
         if self.batch_size < 1:
             raise ParamError(f"whisper.batch_size: must be at least 1, got {self.batch_size}")
         if self.rows_per_group < 1:
             raise ParamError(f"whisper.rows_per_group: must be at least 1, got {self.rows_per_group}")
-        if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
-            raise ParamError(f"whisper.device: {self.device!r} is not cpu, cuda, cuda:N or auto")
+        _device(self.device, "whisper.device")
 
 
 @dataclass(frozen=True)
@@ -109,13 +117,14 @@ class S3:
     standin_norm: str = "utterance"
     batch_size: int = 8
     device: str = "cpu"
-    dtype: str = "float32"  # S3 encoder compute precision; the codebook search stays float32
+    dtype: str = "auto"  # S3 encoder precision (auto = float32: codes as s3tokenizer's own); codebook search float32
     rows_per_group: int = 64
     processes: int = 1
 
     def check(self):
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ParamError(f"s3.dtype: {self.dtype!r} is not float32, bfloat16 or float16")
+        if self.dtype not in hardware.CHOICES:
+            raise ParamError(f"s3.dtype: {self.dtype!r} is not one of {list(hardware.CHOICES)}")
+        _device(self.device, "s3.device")
         if self.standin_units < 2:
             raise ParamError(f"s3.standin_units: must be at least 2, got {self.standin_units}")
         if self.standin_norm not in ("utterance", "global"):
@@ -140,7 +149,7 @@ class Train:
     patience: int = 4
     val_speakers: int = 1
     device: str = "cpu"
-    amp: bool = True
+    amp: bool | str = "auto"  # autocast: auto (bfloat16 only where native), bfloat16, float16, true (bf16), false
     d_model: int = 192
     n_heads: int = 4
     n_layers: int = 3
@@ -159,10 +168,11 @@ class Train:
     seed: int = 1337
 
     def check(self):
+        if self.amp not in (True, False, *hardware.CHOICES):
+            raise ParamError(f"train.amp: {self.amp!r} is not true, false or one of {list(hardware.CHOICES)}")
         if not self.lr > 0:
             raise ParamError(f"train.lr: must be positive, got {self.lr}")
-        if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
-            raise ParamError(f"train.device: {self.device!r} is not cpu, cuda, cuda:N or auto")
+        _device(self.device, "train.device")
         if self.processes < 1:
             raise ParamError(f"train.processes: must be at least 1, got {self.processes}")
         if self.checkpoint_steps < 0:
@@ -213,7 +223,9 @@ def _coerce(section: str, cls, raw: dict[str, Any]):
               float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
               bool: lambda v: isinstance(v, bool), str: lambda v: isinstance(v, str),
               list: lambda v: isinstance(v, list)}
-        if want == (int | None):
+        if want == (bool | str):
+            good = isinstance(value, (bool, str))
+        elif want == (int | None):
             good = value is None or ok[int](value)
         elif want == (float | None):
             good = value is None or ok[float](value)

@@ -29,6 +29,10 @@ class Ranks:
         ranks = cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
                     int(os.environ.get("LOCAL_RANK", 0)))
         if ranks.world > 1 and not torch.distributed.is_initialized():
+            if backend == "nccl":
+                # Before the group exists: otherwise every rank's NCCL communicator (and its first
+                # allocations) land on GPU 0, and barriers can hang.
+                torch.cuda.set_device(ranks.local_rank)
             torch.distributed.init_process_group(backend)
         return ranks
 

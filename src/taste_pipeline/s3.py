@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import hardware
+from .hardware import AUTO, CHOICES, DTYPES
 from .tables import frames_for
 
 MODELSCOPE_PREFIX = "modelscope:"
@@ -30,6 +32,18 @@ MAX_SAMPLES = 30 * 16000  # s3tokenizer's encoder window
 
 
 NORMS = ("utterance", "global")
+
+
+def resolve_dtype(value: str) -> str:
+    """``s3.dtype``: ``auto`` is float32 on every device.
+
+    The targets must be the codes s3tokenizer and CosyVoice themselves produce: a bfloat16 encoder
+    (speech_tokenizer_v1 shape) changed 0.6-1.9 % of the codes against s3tokenizer's float32 ``quantize``,
+    float32 matched all. A lower precision is there for whoever trades that for speed, by name.
+    """
+    if value not in CHOICES:
+        raise ValueError(f"s3.dtype: {value!r} is not one of {list(CHOICES)}")
+    return "float32" if value == AUTO else value
 
 
 def standin_name(units: int, norm: str = "utterance") -> str:
@@ -74,25 +88,24 @@ class S3Tokens:
     """Batched, length-aware S3 tokenization (s3tokenizer's padding and per-row lengths).
 
     Utterances are sorted by length before batching, so a batch pads little; ``dtype`` is the
-    encoder's compute precision, while the codebook search always runs in float32 (a code is an
-    argmin over 4096 distances, where bfloat16 rounding would flip near-ties).
+    encoder's compute precision (``auto``: float32, see ``resolve_dtype``), while the codebook search
+    always runs in float32 (a code is an argmin over 4096 distances, where bfloat16 rounding would flip
+    near-ties).
     """
 
     name = S3_NAME
     vocab_size = S3_CODES
 
     def __init__(self, onnx_path: str | Path | None, device: str = "cpu", batch_size: int = 8,
-                 dtype: str = "float32"):
+                 dtype: str = "auto"):
         import s3tokenizer
 
-        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-        if dtype not in dtypes:
-            raise ValueError(f"s3.dtype: {dtype!r} is not one of {sorted(dtypes)}")
+        self.dtype_name = resolve_dtype(dtype)
         self.model = s3tokenizer.S3Tokenizer("speech_tokenizer_v1")
         if onnx_path is not None:  # None: random weights, for shape, batching and speed tests only
             self.model.init_from_onnx(str(onnx_path))
         self.model = self.model.to(device).eval()
-        self.dtype = dtypes[dtype]
+        self.dtype = DTYPES[self.dtype_name]
         # A separate low-precision copy: the float32 model stays intact for the long-audio path.
         self.encoder = self.model.encoder if self.dtype == torch.float32 else copy.deepcopy(self.model.encoder).to(self.dtype)
         self.device = device
@@ -238,7 +251,7 @@ def prepare_tokenizer(source: str, out_dir: str | Path, train_manifest: str | Pa
     return info
 
 
-def load_tokenizer(model_dir: str | Path, device: str = "cpu", batch_size: int = 8, dtype: str = "float32"):
+def load_tokenizer(model_dir: str | Path, device: str = "cpu", batch_size: int = 8, dtype: str = "auto"):
     model_dir = Path(model_dir)
     info = json.loads((model_dir / INFO_FILE).read_text())
     if info["kind"] == "standin":
@@ -263,8 +276,13 @@ def tokenize_split(manifest_path: str | Path, model_dir: str | Path, out_path: s
     ranks = Ranks.from_env()
     manifest_path, model_dir = Path(manifest_path), Path(model_dir)
     rows = tables.read_manifest(manifest_path).to_pylist()
-    tok = load_tokenizer(model_dir, ranks.device(device), batch_size, dtype)
+    dtype = resolve_dtype(dtype)
+    tok = load_tokenizer(model_dir, ranks.device(hardware.resolve_device(device, "s3.device")), batch_size, dtype)
     meta = {"targets": tok.name, "vocab_size": str(tok.vocab_size), "frame_rate_hz": "50"}
+    if isinstance(tok, S3Tokens):  # the stand-in has no encoder: no precision to record
+        meta["s3.dtype"] = dtype
+        if ranks.rank == 0:
+            print(f"s3.dtype: {dtype} (encoder; codebook search float32)")
     fp = hashlib.sha256(json.dumps([batch_size, rows_per_group, dtype]).encode() + manifest_path.read_bytes()
                         + b"".join(f.read_bytes() for f in sorted(model_dir.iterdir()) if f.is_file())).hexdigest()
     desc = f"s3 {manifest_path.parent.name}" + (f" rank {ranks.rank}/{ranks.world}" if ranks.world > 1 else "")

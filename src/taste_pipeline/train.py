@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import tables
+from . import hardware, tables
 from .model import ModelConfig, TasteModel
 from .params import Train
 from .ranks import Ranks
@@ -109,7 +109,7 @@ def batches(examples: list[Example], batch_size: int, rng: random.Random | None 
 
 @torch.no_grad()
 def predict(model: TasteModel, examples: list[Example], batch_size: int, device: str = "cpu",
-            speech_from: list[Example] | None = None, amp: bool = False) -> list[dict]:
+            speech_from: list[Example] | None = None, amp: bool | str = False) -> list[dict]:
     """Teacher-forced predictions per utterance: argmax, per-position NLL, targets (units + END)."""
     model.eval()
     out: list[dict] = [None] * len(examples)
@@ -131,8 +131,10 @@ def summarize(preds: list[dict]) -> dict:
     return {"nll": float(nll.mean()), "top1_acc": float(hit.mean())}
 
 
-def autocast(device: str, enabled: bool):
-    return torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=enabled)
+def autocast(device: str, amp: bool | str):
+    """Autocast for ``train.amp`` (``auto`` resolved here for ``device``; float32 = off)."""
+    dtype = hardware.resolve_amp(amp, device)
+    return torch.autocast(device.split(":")[0], dtype=hardware.DTYPES[dtype], enabled=dtype != "float32")
 
 
 def lr_at(step: int, total: int, cfg: Train) -> float:
@@ -181,7 +183,10 @@ def fingerprint(cfg: Train, variant: str, inputs: list[str | Path] = ()) -> str:
     input tables (size and Parquet footer, which hold row counts, offsets and column statistics)."""
     import hashlib
 
-    h = hashlib.sha256(json.dumps({"train": dataclasses.asdict(cfg), "variant": variant}, sort_keys=True).encode())
+    # The device is left out: under torchrun each rank has its own (cuda:0, cuda:1, ...), and all ranks
+    # must agree on whether a state resumes.
+    train = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "device"}
+    h = hashlib.sha256(json.dumps({"train": train, "variant": variant}, sort_keys=True).encode())
     for path in inputs:
         path = Path(path)
         size = path.stat().st_size
@@ -191,11 +196,29 @@ def fingerprint(cfg: Train, variant: str, inputs: list[str | Path] = ()) -> str:
     return h.hexdigest()
 
 
+def _rng_file(rank: int) -> str:
+    return f"rng.rank{rank}.safetensors"
+
+
+def _rng_states(device: str) -> dict[str, torch.Tensor]:
+    states = {"rng.torch": torch.get_rng_state()}
+    if device.startswith("cuda"):
+        states["rng.cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
 def _save_resume(resume_dir: Path, model: TasteModel, opt: torch.optim.Optimizer, best_state: dict | None,
-                 info: dict) -> None:
+                 info: dict, ranks: Ranks, device: str) -> None:
+    """Every rank writes its own RNG states (dropout draws differ per rank); rank 0 then writes the rest."""
     from safetensors.torch import save_file
 
     resume_dir.mkdir(parents=True, exist_ok=True)
+    with tables.atomic_path(resume_dir / _rng_file(ranks.rank)) as tmp:
+        save_file(_rng_states(device), str(tmp))
+    ranks.barrier()
+    if ranks.rank != 0:
+        ranks.barrier()
+        return
     tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
     if best_state is not None:
         tensors.update({f"best.{k}": v.contiguous() for k, v in best_state.items()})
@@ -203,8 +226,7 @@ def _save_resume(resume_dir: Path, model: TasteModel, opt: torch.optim.Optimizer
     for i, st in opt_state["state"].items():
         for k, v in st.items():
             tensors[f"opt.{i}.{k}"] = v.contiguous() if torch.is_tensor(v) else torch.tensor(v)
-    tensors["rng.torch"] = torch.get_rng_state()
-    info = dict(info, param_groups=[{k: v for k, v in g.items() if k != "params"} for g in opt_state["param_groups"]])
+    info = dict(info, world=ranks.world, rng_bytes=[(resume_dir / _rng_file(r)).stat().st_size for r in range(ranks.world)], param_groups=[{k: v for k, v in g.items() if k != "params"} for g in opt_state["param_groups"]])
     # Two files, one state: the weights are written first, and the JSON (what makes the state valid)
     # last, naming the weights file by its size, so a kill between the two leaves an unusable, not a
     # mismatched, pair.
@@ -213,21 +235,30 @@ def _save_resume(resume_dir: Path, model: TasteModel, opt: torch.optim.Optimizer
     info["state_bytes"] = (resume_dir / RESUME_STATE).stat().st_size
     with tables.atomic_path(resume_dir / RESUME_INFO) as tmp:
         tmp.write_text(json.dumps(info) + "\n")
+    ranks.barrier()  # no rank goes on (and could be killed) before the state is whole
 
 
-def _load_resume(resume_dir: Path, fp: str) -> tuple[dict, dict] | None:
+def _load_resume(resume_dir: Path, fp: str, ranks: Ranks | None = None) -> tuple[dict, dict] | None:
+    """The saved state, with this rank's own RNG states, if it is valid for every rank; else None."""
     from safetensors.torch import load_file
 
+    ranks = ranks or Ranks()
     info_path, state_path = resume_dir / RESUME_INFO, resume_dir / RESUME_STATE
-    if not (info_path.exists() and state_path.exists()):
+    rng_path = resume_dir / _rng_file(ranks.rank)
+    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    ok = (state_path.exists() and rng_path.exists() and info.get("fingerprint") == fp
+          and info.get("state_bytes") == state_path.stat().st_size and info.get("world") == ranks.world
+          and info["rng_bytes"][ranks.rank] == rng_path.stat().st_size)
+    if ranks.world > 1:  # resume everywhere or nowhere: ranks that disagree would diverge or hang
+        flag = torch.tensor([int(ok)])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        ok = bool(flag.item())
+    if not ok:
         return None
-    info = json.loads(info_path.read_text())
-    if info.get("fingerprint") != fp or info.get("state_bytes") != state_path.stat().st_size:
-        return None
-    return info, load_file(str(state_path))
+    return info, {**load_file(str(state_path)), **load_file(str(rng_path))}
 
 
-def _ddp_backward(net, opt, examples: list[Example], ranks: Ranks, cfg: Train) -> tuple[torch.Tensor, int]:
+def _ddp_backward(net, opt, scaler, examples: list[Example], ranks: Ranks, cfg: Train) -> tuple[torch.Tensor, int]:
     """This rank's share of one global batch: forward, and backward of its token-weighted loss.
 
     DDP averages gradients over ranks, so each rank's mean loss is scaled by (its target tokens x world
@@ -248,7 +279,7 @@ def _ddp_backward(net, opt, examples: list[Example], ranks: Ranks, cfg: Train) -
     torch.distributed.all_reduce(stats)
     n_total, loss_sum = stats.tolist()
     opt.zero_grad(set_to_none=True)
-    (loss * (n_local.to(loss.device) * ranks.world / n_total)).backward()
+    scaler.scale(loss * (n_local.to(loss.device) * ranks.world / n_total)).backward()
     return torch.tensor(loss_sum / n_total), int(n_total)
 
 
@@ -289,6 +320,8 @@ def fit(model: TasteModel, train_ex: list[Example], val_ex: list[Example], cfg: 
     no_decay = [p for p in params if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    # float16 autocast (CUDA without bf16) needs loss scaling; for bfloat16 and float32 this is a no-op.
+    scaler = torch.amp.GradScaler(cfg.device.split(":")[0], enabled=hardware.resolve_amp(cfg.amp, cfg.device) == "float16")
     steps_per_epoch = math.ceil(len(train_ex) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     best = {"val_nll": float("inf"), "epoch": -1}
@@ -298,7 +331,7 @@ def fit(model: TasteModel, train_ex: list[Example], val_ex: list[Example], cfg: 
     history: list[dict] = []
     events: list[list] = []  # everything logged to DVCLive, in order: ["step", loss, lr] or ["epoch", record]
     resume_dir = Path(resume_dir) if resume_dir is not None else None
-    saved = _load_resume(resume_dir, fp) if resume_dir is not None else None
+    saved = _load_resume(resume_dir, fp, ranks) if resume_dir is not None else None
     if saved is not None:
         info, tensors = saved
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
@@ -311,6 +344,8 @@ def fit(model: TasteModel, train_ex: list[Example], val_ex: list[Example], cfg: 
                 opt_state["state"].setdefault(int(i), {})[name] = v
         opt.load_state_dict(opt_state)
         torch.set_rng_state(tensors["rng.torch"])
+        if "rng.cuda" in tensors:
+            torch.cuda.set_rng_state(tensors["rng.cuda"], cfg.device)
         step, bad_epochs, best, history, events = info["step"], info["bad_epochs"], info["best"], info["history"], info["events"]
         start_epoch, start_batch, losses, counts = info["epoch"], info["batch"], info["losses"], info["counts"]
         epoch_rng = info["epoch_rng"]
@@ -332,12 +367,12 @@ def fit(model: TasteModel, train_ex: list[Example], val_ex: list[Example], cfg: 
         print(f"resuming {model.cfg.variant} from {resume_dir}: epoch {start_epoch}, step {step}")
 
     def save_state(epoch: int, batch: int, epoch_rng) -> None:
-        if resume_dir is None or not lead:
+        if resume_dir is None:
             return
         _save_resume(resume_dir, model, opt, best_state, {
             "fingerprint": fp, "epoch": epoch, "batch": batch, "step": step, "bad_epochs": bad_epochs,
             "best": best, "history": history, "events": events, "losses": losses, "counts": counts,
-            "epoch_rng": [epoch_rng[0], list(epoch_rng[1]), epoch_rng[2]]})
+            "epoch_rng": [epoch_rng[0], list(epoch_rng[1]), epoch_rng[2]]}, ranks, cfg.device)
 
     bar = tqdm(total=total, initial=step, desc=f"train {model.cfg.variant}", unit="step", disable=not lead)
     stopped = False
@@ -356,12 +391,14 @@ def fit(model: TasteModel, train_ex: list[Example], val_ex: list[Example], cfg: 
                 with autocast(cfg.device, cfg.amp):
                     _, targets, loss = net(batch)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                scaler.scale(loss).backward()
                 n = int((targets != -100).sum())
             else:
-                loss, n = _ddp_backward(net, opt, [train_ex[i] for i in group], ranks, cfg)
+                loss, n = _ddp_backward(net, opt, scaler, [train_ex[i] for i in group], ranks, cfg)
+            scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             losses, counts = losses + loss.item() * n, counts + n
             events.append(["step", loss.item(), opt.param_groups[0]["lr"]])
             if live is not None:

