@@ -7,7 +7,7 @@ examples (random features with the corpus's shapes: a length mix of 2-16 s, ~3 t
 throughput does not depend on the values). The model is built fresh (agg_init: fresh), so no Whisper
 weights are needed; the cost is the same.
 Baseline: every batch padded to the corpus-wide maximum length, float32.
-Project:  length-sorted batches (train.batches), autocast as `train.amp` resolves on this machine
+Project:  length-sorted batches (data.batches), autocast as `train.amp` resolves on this machine
           (auto: bfloat16 only where it is native, else float32).
 Prints where the time goes (data = collate + copy, forward, backward + optimizer) and, as its last
 line, `ratio: <project target tokens per s / baseline target tokens per s>`. No target yet (issue 5).
@@ -21,16 +21,16 @@ import time
 import numpy as np
 import torch
 
-from taste_pipeline import hardware, params, train
+from taste_pipeline import data, hardware, params, train
 
 
-def synthetic(n: int, d_query: int, d_audio: int, vocab: int, seed: int = 0) -> list[train.Example]:
+def synthetic(n: int, d_query: int, d_audio: int, vocab: int, seed: int = 0) -> list[data.Example]:
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
         seconds = rng.uniform(2, 16)
         frames, tokens = int(seconds * 50), max(2, int(seconds * 3))
-        out.append(train.Example(
+        out.append(data.Example(
             utt_id=f"u{i:04d}", speaker_id=str(i % 8), text="", token_ids=np.zeros(tokens, np.int64),
             text_emb=torch.from_numpy(rng.standard_normal((tokens, d_query), np.float32)).half(),
             mid=torch.from_numpy(rng.standard_normal((frames, d_audio), np.float32)).half(),
@@ -62,13 +62,14 @@ def run(model, examples, groups, cfg, device, amp: bool, pad: dict | None) -> di
     model.train()
     for group in groups:
         t0 = tick()
-        batch = train.collate([examples[i] for i in group])
+        batch = data.collate([examples[i] for i in group])
         if pad:
             batch = pad_to(batch, pad)
-        batch = train.to_device(batch, device)
+        batch = data.to_device(batch, device)
         t1 = tick()
         with train.autocast(device, amp):
-            _, targets, loss = model(batch)
+            _, losses = model(batch)
+        loss = losses["loss"]
         t2 = tick()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -77,7 +78,7 @@ def run(model, examples, groups, cfg, device, amp: bool, pad: dict | None) -> di
         t["data"] += t1 - t0
         t["forward"] += t2 - t1
         t["backward"] += t3 - t2
-        tokens += int((targets != -100).sum())
+        tokens += int((batch["unit_len"] + 1).sum())  # units + END
     t["total"] = sum(t.values())
     t["tokens_per_s"] = tokens / t["total"]
     return t
@@ -103,7 +104,7 @@ def main() -> None:
             ("baseline (max-padded, float32)", False, sizes,
              [list(range(i, min(i + args.batch_size, len(examples)))) for i in range(0, len(examples), args.batch_size)]),
             (f"project  (length-sorted, train.amp {p.amp} -> {amp})", amp, None,
-             train.batches(examples, args.batch_size, random.Random(0)))):
+             data.batches(examples, args.batch_size, random.Random(0)))):
         torch.manual_seed(0)
         model = train.build_model("taste", 128, 384, 384, cfg, None).to(device)
         run(model, examples, groups[:2], cfg, device, amp, pad)  # warm-up

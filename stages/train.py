@@ -13,7 +13,7 @@ import dataclasses
 
 from dvclive import Live
 
-from taste_pipeline import hardware, params, train
+from taste_pipeline import checkpoint, data, hardware, params, train
 from taste_pipeline.ranks import Ranks, relaunch
 
 
@@ -37,10 +37,10 @@ def main() -> None:
     if ranks.rank == 0:
         print(hardware.describe(str(p.amp).lower(), amp, "train.amp", device))
     p = dataclasses.replace(p, device=device, amp=amp)
-    examples, meta = train.load_split(args.manifest, args.whisper, args.text, args.s3)
+    examples, meta = data.load_split(args.manifest, args.whisper, args.text, args.s3)
     # The held-out speaker follows base.seed, not train.seed: seeds then differ only in initialization and
     # batch order, so a seed sweep compares variants on the same data.
-    train_ex, val_ex = train.speaker_split(examples, p.val_speakers, base.seed)
+    train_ex, val_ex = data.speaker_split(examples, p.val_speakers, base.seed)
     model = train.build_model(args.variant, int(meta["vocab_size"]), examples[0].text_emb.shape[1],
                               examples[0].mid.shape[1], p, w.model)
     print(f"{args.variant}: {model.num_params() / 1e6:.2f} M parameters; {len(train_ex)} train / "
@@ -50,7 +50,7 @@ def main() -> None:
         if lead:
             live.log_params({"variant": args.variant, "seed": p.seed, "targets": meta["targets"], "amp": amp,
                              "device": device, "cpu": hardware.cpu_description()})
-        fp = train.fingerprint(p, args.variant, [args.manifest, args.whisper, args.text, args.s3])
+        fp = checkpoint.fingerprint(p, args.variant, [args.manifest, args.whisper, args.text, args.s3])
         summary = train.fit(model, train_ex, val_ex, p, args.model_dir, live, args.resume_dir, fp, p.checkpoint_steps,
                             ranks)
         if lead:

@@ -23,11 +23,11 @@ def _model(variant="taste", **kw):
 @pytest.mark.parametrize("variant", ["taste", "text_only"])
 def test_future_targets_never_change_past_logits(variant):
     model, batch = _model(variant), _batch()
-    logits, _, _ = model(batch)
+    logits, _ = model(batch)
     for t in (0, 5, 17):
         changed = dict(batch, units=batch["units"].clone())
         changed["units"][:, t + 1 :] = (changed["units"][:, t + 1 :] + 7) % 16
-        logits2, _, _ = model(changed)
+        logits2, _ = model(changed)
         # Output index i predicts unit i+1 from units <= i: outputs 0..t+1 read only u_1..u_{t+1}.
         torch.testing.assert_close(logits[:, : t + 2], logits2[:, : t + 2])
         assert not torch.allclose(logits[0, t + 2 :], logits2[0, t + 2 :])
@@ -36,7 +36,7 @@ def test_future_targets_never_change_past_logits(variant):
 def test_text_only_never_reads_speech_features():
     model, batch = _model("text_only"), _batch()
     assert not hasattr(model, "aggregator") and not hasattr(model, "speech_branch")
-    logits, _, _ = model(batch)
+    logits, _ = model(batch)
     poisoned = dict(batch, mid=torch.full_like(batch["mid"], float("nan")), last=torch.full_like(batch["last"], float("nan")))
     torch.testing.assert_close(model(poisoned)[0], logits)
     no_speech = {k: v for k, v in batch.items() if k not in ("mid", "last", "frame_len")}
@@ -45,7 +45,7 @@ def test_text_only_never_reads_speech_features():
 
 def test_taste_depends_on_speech_but_not_on_padded_frames():
     model, batch = _model("taste"), _batch()
-    logits, _, _ = model(batch)
+    logits, _ = model(batch)
     other = dict(batch, mid=batch["mid"].flip(0), last=batch["last"].flip(0))
     assert not torch.allclose(model(other)[0][0], logits[0])
     padded = dict(batch, mid=batch["mid"].clone(), last=batch["last"].clone())
@@ -56,21 +56,31 @@ def test_taste_depends_on_speech_but_not_on_padded_frames():
 
 def test_batched_equals_single_items():
     model, batch = _model("taste"), _batch()
-    logits, targets, _ = model(batch)
+    logits, _ = model(batch)
+    targets = model.targets(batch)
     single = {"text_emb": batch["text_emb"][2:, :3], "text_len": batch["text_len"][2:], "mid": batch["mid"][2:, :20],
               "last": batch["last"][2:, :20], "frame_len": batch["frame_len"][2:], "units": batch["units"][2:, :10],
               "unit_len": batch["unit_len"][2:]}
-    l1, t1, _ = model(single)
+    l1, _ = model(single)
+    t1 = model.targets(single)
     torch.testing.assert_close(l1[0], logits[2, :11], atol=1e-5, rtol=1e-4)
     assert torch.equal(t1[0], targets[2, :11])
 
 
 def test_targets_are_units_then_end():
     model, batch = _model("text_only"), _batch()
-    _, targets, _ = model(batch)
+    targets = model.targets(batch)
     n = int(batch["unit_len"][1])
     assert torch.equal(targets[1, :n], batch["units"][1, :n])
     assert targets[1, n] == model.cfg.end_id and (targets[1, n + 1 :] == -100).all()
+
+
+def test_losses_are_a_dict_whose_loss_is_the_mean_cross_entropy():
+    model, batch = _model("taste"), _batch()
+    logits, losses = model(batch)
+    want = torch.nn.functional.cross_entropy(logits.transpose(1, 2), model.targets(batch), ignore_index=-100)
+    torch.testing.assert_close(losses["ce"], want)
+    assert losses["loss"] is losses["ce"]  # no other term yet
 
 
 def test_aggregator_gives_one_vector_per_text_token():

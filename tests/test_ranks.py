@@ -51,7 +51,7 @@ import json, sys
 import torch
 sys.path.insert(0, sys.argv[1])
 from test_train import _examples
-from taste_pipeline import train
+from taste_pipeline import data, train
 from taste_pipeline.model import ModelConfig, TasteModel
 from taste_pipeline.params import Train
 from taste_pipeline.ranks import Ranks
@@ -62,7 +62,7 @@ class Recorder:
     def next_step(self): self.step += 1
 
 ranks = Ranks.from_env()
-tr, va = train.speaker_split(_examples(n=30), 1, seed=0)
+tr, va = data.speaker_split(_examples(n=30), 1, seed=0)
 torch.manual_seed(0)
 model = TasteModel(ModelConfig(variant="taste", vocab_size=8, d_model=32, n_heads=2, n_layers=2, d_ff=64,
                                agg_layers=1, agg_heads=2, agg_ffn=64, dropout=0.0))

@@ -15,15 +15,14 @@ import json, os, signal, sys
 sys.path.insert(0, sys.argv[1])
 import torch
 from test_train import _examples
-from taste_pipeline import train
+from taste_pipeline import data, train
 from taste_pipeline.model import ModelConfig, TasteModel
 from taste_pipeline.params import Train
-
 from taste_pipeline.ranks import Ranks
 out_dir, resume_dir, kill_at, log_path = sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
 ranks = Ranks.from_env()  # under torchrun: 2 ranks, and only the last one is killed
 calls = {"n": 0}
-collate = train.collate
+collate = train.collate  # the name the loop calls
 def dying_collate(*a, **kw):  # SIGKILL: no cleanup, no finally blocks, as when the machine kills us
     calls["n"] += 1
     if calls["n"] == kill_at and ranks.rank == ranks.world - 1:
@@ -36,7 +35,7 @@ class Recorder:  # stands in for DVCLive: what would be in the logs
     def log_metric(self, name, value): self.rows.append([self.step, name, value])
     def next_step(self): self.step += 1
 
-tr, va = train.speaker_split(_examples(), 1, seed=0)
+tr, va = data.speaker_split(_examples(), 1, seed=0)
 cfg = Train(lr=3e-3, epochs=4, batch_size=4, warmup_steps=2, patience=10, amp=False, seed=3, dropout=0.1,
             checkpoint_steps=2)
 live = Recorder()
@@ -112,28 +111,28 @@ def test_two_ranks_killed_resume_together_to_the_same_result(tmp_path):
 
 def test_the_fingerprint_ignores_the_device():
     """Under torchrun each rank's device differs (cuda:0, cuda:1): all must find the same state."""
-    from taste_pipeline import train
+    from taste_pipeline import checkpoint
     from taste_pipeline.params import Train
 
-    assert train.fingerprint(Train(device="cuda:0"), "taste") == train.fingerprint(Train(device="cuda:1"), "taste")
+    assert checkpoint.fingerprint(Train(device="cuda:0"), "taste") == checkpoint.fingerprint(Train(device="cuda:1"), "taste")
 
 
 @pytest.mark.slow
 def test_a_state_for_other_params_or_inputs_is_not_resumed(tmp_path):
-    from taste_pipeline import train
+    from taste_pipeline import checkpoint
     from taste_pipeline.params import Train
 
     first = _run(tmp_path, tmp_path / "model", tmp_path / "resume", 8, tmp_path / "log.json")
     assert first.returncode == -9
     info = json.loads((tmp_path / "resume" / "state.json").read_text())
-    assert train._load_resume(tmp_path / "resume", info["fingerprint"]) is not None
-    assert train._load_resume(tmp_path / "resume", "other") is None
+    assert checkpoint.Resume(tmp_path / "resume", info["fingerprint"]).read() is not None
+    assert checkpoint.Resume(tmp_path / "resume", "other").read() is None
     table = tmp_path / "t.parquet"
     table.write_bytes(b"x" * 100)
-    fp = train.fingerprint(Train(), "taste", [table])
-    assert fp != train.fingerprint(Train(lr=2e-3), "taste", [table]) != train.fingerprint(Train(), "text_only", [table])
+    fp = checkpoint.fingerprint(Train(), "taste", [table])
+    assert fp != checkpoint.fingerprint(Train(lr=2e-3), "taste", [table]) != checkpoint.fingerprint(Train(), "text_only", [table])
     table.write_bytes(b"y" * 100)
-    assert fp != train.fingerprint(Train(), "taste", [table])
+    assert fp != checkpoint.fingerprint(Train(), "taste", [table])
 
 
 STAGE_CHILD = r"""

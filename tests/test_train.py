@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from taste_pipeline import params, train
+from taste_pipeline import checkpoint, data, params, train
 from taste_pipeline.params import Train
 from taste_pipeline.model import ModelConfig, TasteModel
 
@@ -19,7 +19,7 @@ def _examples(n=24, speakers=4, seed=0):
         L, Fr = 4 + i % 3, 20 + i % 5
         mid = torch.randn(Fr, 384, generator=g)
         units = (mid[0, :8].argmax() + torch.arange(Fr)) % 8
-        out.append(train.Example(f"{i % speakers}-0-{i:04d}", str(i % speakers), "x", np.arange(L),
+        out.append(data.Example(f"{i % speakers}-0-{i:04d}", str(i % speakers), "x", np.arange(L),
                                  torch.randn(L, 384, generator=g).half(), mid.half(), mid.half(), units))
     return out
 
@@ -32,7 +32,7 @@ def _model(variant="taste"):
 
 def test_a_tiny_training_run_lowers_the_loss(tmp_path):
     ex = _examples()
-    tr, va = train.speaker_split(ex, 1, seed=0)
+    tr, va = data.speaker_split(ex, 1, seed=0)
     cfg = Train(lr=3e-3, epochs=6, batch_size=4, warmup_steps=2, patience=10, amp=False, seed=0)
     summary = train.fit(_model(), tr, va, cfg, out_dir=tmp_path)
     h = summary["history"]
@@ -43,41 +43,41 @@ def test_a_tiny_training_run_lowers_the_loss(tmp_path):
 
 def test_training_is_deterministic_and_checkpoints_round_trip(tmp_path):
     ex = _examples()
-    tr, va = train.speaker_split(ex, 1, seed=0)
+    tr, va = data.speaker_split(ex, 1, seed=0)
     cfg = Train(lr=3e-3, epochs=2, batch_size=4, warmup_steps=2, amp=False, seed=5)
     runs = []
     for name in ("a", "b"):
         m = _model()
         train.fit(m, tr, va, cfg, out_dir=tmp_path / name)
-        runs.append(train.predict(train.load_checkpoint(tmp_path / name)[0], va, 4))
+        runs.append(train.predict(checkpoint.load_checkpoint(tmp_path / name)[0], va, 4))
     for p, q in zip(*runs):
         np.testing.assert_array_equal(p["nll"], q["nll"])
 
 
 def test_validation_speakers_are_disjoint_from_training():
-    tr, va = train.speaker_split(_examples(), 1, seed=3)
+    tr, va = data.speaker_split(_examples(), 1, seed=3)
     assert {e.speaker_id for e in tr}.isdisjoint({e.speaker_id for e in va})
     assert len(tr) + len(va) == 24 and len({e.speaker_id for e in va}) == 1
     with pytest.raises(ValueError, match="train.val_speakers"):
-        train.speaker_split(_examples(), 4, seed=3)
+        data.speaker_split(_examples(), 4, seed=3)
 
 
 def test_collate_can_borrow_speech_from_other_utterances():
     ex = _examples(4)
-    b = train.collate(ex[:2], speech_from=[ex[3], ex[2]])
+    b = data.collate(ex[:2], speech_from=[ex[3], ex[2]])
     assert int(b["frame_len"][0]) == len(ex[3].mid)
     torch.testing.assert_close(b["mid"][1, : len(ex[2].mid)], ex[2].mid.float())
     torch.testing.assert_close(b["text_emb"][0, : len(ex[0].text_emb)], ex[0].text_emb.float())
 
 
 def test_load_split_names_a_missing_utterance(tiny_tables, tmp_path):
-    ex, meta = train.load_split(**tiny_tables)
+    ex, meta = data.load_split(**tiny_tables)
     assert len(ex) == 8 and meta["vocab_size"] == "8"
     assert all(len(e.units) == len(e.mid) for e in ex)  # both 50 Hz, ceil(n / 320)
     t = pq.read_table(tiny_tables["text_path"])
     pq.write_table(t.slice(1), tmp_path / "t2.parquet")
     with pytest.raises(ValueError, match=f"text table lacks utterance {t.column('utt_id')[0].as_py()}"):
-        train.load_split(**dict(tiny_tables, text_path=tmp_path / "t2.parquet"))
+        data.load_split(**dict(tiny_tables, text_path=tmp_path / "t2.parquet"))
 
 
 def test_initial_weights_follow_the_training_seed():

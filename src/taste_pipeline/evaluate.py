@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import metrics, tables, train
+from . import checkpoint, data, metrics, tables, train
 from .tables import atomic_path
 
 
@@ -20,13 +20,13 @@ def _write_json(path: Path, obj) -> None:
 
 
 @torch.no_grad()
-def attention(model, ex: train.Example) -> np.ndarray:
+def attention(model, ex: data.Example) -> np.ndarray:
     """(text tokens, frames) cross-attention of the aggregator's last layer, mean over heads."""
     attn = model.aggregator.layers[-1].encoder_attn
     attn.keep_weights = True
     device = next(model.parameters()).device
     try:
-        b = train.to_device(train.collate([ex]), device)
+        b = data.to_device(data.collate([ex]), device)
         mask = torch.ones(1, len(ex.mid), dtype=torch.bool, device=device)
         model.speech_vectors(b["text_emb"], b["mid"], b["last"], mask)
         w = attn.last_weights[0].mean(0)[model.aggregator.PREFIX :]
@@ -43,8 +43,8 @@ def run(test_files: dict, train_s3: str, model_dirs: dict[str, str], text_model:
     device = hardware.resolve_device(device, "train.device")
     plots = Path(plots_dir)
     plots.mkdir(parents=True, exist_ok=True)
-    test, meta = train.load_split(**test_files)
-    models = {name: train.load_checkpoint(d, device) for name, d in model_dirs.items()}
+    test, meta = data.load_split(**test_files)
+    models = {name: checkpoint.load_checkpoint(d, device) for name, d in model_dirs.items()}
     for name, (model, info) in models.items():
         if info["model_args"]["vocab_size"] != int(meta["vocab_size"]):
             raise ValueError(f"{model_dirs[name]} was trained on {info['model_args']['vocab_size']} units, "

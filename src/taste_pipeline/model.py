@@ -268,12 +268,25 @@ class TasteModel(nn.Module):
             text = text * keep
         return w[0] * text + w[1] * speech
 
-    def forward(self, batch: dict, reduction: str = "mean"):
-        """Teacher-forced logits over [u_1 .. u_T, END] per item, and the cross-entropy.
+    def targets(self, batch: dict) -> torch.Tensor:
+        """(B, T+1): u_1 .. u_T, END per item, -100 at padding."""
+        units, unit_len = batch["units"], batch["unit_len"]
+        B, T = units.shape
+        dev = units.device
+        targets = torch.full((B, T + 1), -100, dtype=torch.long, device=dev)
+        valid = torch.arange(T, device=dev)[None] < unit_len[:, None]
+        targets[:, :T][valid] = units[valid].long()
+        targets[torch.arange(B, device=dev), unit_len] = self.cfg.end_id
+        return targets
+
+    def forward(self, batch: dict):
+        """Teacher-forced logits over [u_1 .. u_T, END] per item, and the losses.
 
         batch: text_emb (B, L, dq), text_len (B), mid/last (B, F, da), frame_len (B),
                units (B, T) padded with anything, unit_len (B).
-        Returns logits (B, T+1, V+1) aligned with targets (B, T+1) (-100 at padding), and the loss.
+        Returns logits (B, T+1, V+1), aligned with ``targets(batch)``, and a dict of losses: ``ce``, the
+        mean cross-entropy per target, and ``loss``, the sum of every term to minimize (terms such as a
+        commitment loss slot in beside ``ce``).
         """
         text_emb, text_len = batch["text_emb"], batch["text_len"]
         units, unit_len = batch["units"], batch["unit_len"]
@@ -313,12 +326,8 @@ class TasteModel(nn.Module):
         # Outputs at TASK, u_1 .. u_T predict u_1 .. u_T, END.
         idx = (start[:, None] + torch.arange(T + 1, device=dev)[None]).clamp(max=S - 1)
         logits = self.head(h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1])))
-        targets = torch.full((B, T + 1), -100, dtype=torch.long, device=dev)
-        valid = torch.arange(T + 1, device=dev)[None] < unit_len[:, None]
-        targets[:, :T][valid[:, :T]] = units[valid[:, :T]].long()
-        targets[torch.arange(B, device=dev), unit_len] = self.cfg.end_id
-        loss = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100, reduction=reduction)
-        return logits, targets, loss
+        ce = F.cross_entropy(logits.float().transpose(1, 2), self.targets(batch), ignore_index=-100)
+        return logits, {"ce": ce, "loss": ce}
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
