@@ -186,3 +186,40 @@ def test_text_dropout_acts_only_in_training():
     speech_only = w[1] * model.speech_branch(model.speech_vectors(*args[:3], mask))
     torch.testing.assert_close(trained, speech_only)
     assert not torch.allclose(evaluated, speech_only)
+
+
+@pytest.mark.parametrize("variant", ["taste", "text_only"])
+def test_cached_generation_agrees_with_the_full_forward_pass(variant):
+    """Greedy units from the key/value cache are what the teacher-forced forward pass predicts on them,
+    item by item in a batch of different text and speech lengths, up to END."""
+    model, batch = _model(variant), _batch()
+    with torch.no_grad():
+        # Large random weights: the argmax then turns on small differences (a wrong position or a
+        # padded key let through would change it), and a bias towards END stops some items early.
+        for p in model.parameters():
+            p.mul_(4.0)
+        model.head.bias[model.cfg.end_id] += 4.0
+    gen = model.generate(batch, max_units=25)
+    assert any(len(u) < 25 for u in gen) and all(len(u) <= 25 for u in gen)
+    for i, units in enumerate(gen):
+        one = {k: v[i : i + 1] for k, v in batch.items()}
+        n = len(units)
+        one["units"], one["unit_len"] = units[None].clone() if n else torch.zeros(1, 1, dtype=torch.long), torch.tensor([n])
+        one["text_emb"] = one["text_emb"][:, : int(one["text_len"][0])]
+        logits, _ = model(one)
+        pred = logits[0, : n + 1].argmax(-1)
+        assert torch.equal(pred[:n], units), i
+        if n < 25:
+            assert pred[n] == model.cfg.end_id  # it stopped where the model says END
+
+
+def test_top_k_sampling_is_repeatable_and_top_1_is_greedy():
+    model, batch = _model("taste"), _batch()
+    greedy = model.generate(batch, max_units=12)
+    top1 = model.generate(batch, max_units=12, top_k=1, generator=torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip(greedy, top1))
+    a, b, c = (model.generate(batch, max_units=12, top_k=8, generator=torch.Generator().manual_seed(s))
+               for s in (1, 1, 2))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(len(x) == len(z) and torch.equal(x, z) for x, z in zip(a, c))
+    assert all(int(u.max()) < model.cfg.vocab_size for u in a if len(u))  # END and TASK never emitted as units

@@ -94,15 +94,22 @@ class Attention(nn.Module):
         self.last_weights: torch.Tensor | None = None  # (B, heads, Lq, Lk) when keep_weights
         self.keep_weights = False
 
-    def forward(self, x, keys=None, values=None, key_mask=None, causal=False):
+    def forward(self, x, keys=None, values=None, key_mask=None, causal=False, cache: dict | None = None):
+        """``cache`` (self-attention while generating): keys and values of earlier positions, extended
+        in place; ``x`` then holds only the new positions, which come after them."""
         keys = x if keys is None else keys
         values = keys if values is None else values
         B, Lq, D = x.shape
         split = lambda t: t.view(B, t.shape[1], self.heads, D // self.heads).transpose(1, 2)  # noqa: E731
         q, k, v = split(self.q_proj(x)), split(self.k_proj(keys)), split(self.v_proj(values))
+        if cache is not None:
+            if cache:
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v
+        past = k.shape[2] - Lq  # positions before the first query (0 without a cache)
         mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, Lk) True = real frame
-        if causal and (mask is not None or self.keep_weights):
-            c = torch.ones(Lq, k.shape[2], dtype=torch.bool, device=x.device).tril()
+        if causal and (mask is not None or self.keep_weights or past):
+            c = torch.ones(Lq, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=past)
             mask, causal = (c if mask is None else mask & c), False
         if self.keep_weights:
             w = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
@@ -220,8 +227,8 @@ class Block(nn.Module):
         self.ln2, self.mlp = nn.LayerNorm(d), MLP(d, d_ff, dropout)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x):
-        x = x + self.drop(self.attn(self.ln1(x), causal=True))
+    def forward(self, x, key_mask=None, cache: dict | None = None):
+        x = x + self.drop(self.attn(self.ln1(x), key_mask=key_mask, causal=True, cache=cache))
         return x + self.mlp(self.ln2(x))
 
 
@@ -315,10 +322,8 @@ class TasteModel(nn.Module):
         is_unit = (rel >= 1) & (rel <= unit_len[:, None])
         x[is_task] = task[:, 0].float()
         x[is_unit] = unit_in[(torch.arange(T, device=dev)[None] < unit_len[:, None])].float()
-        clock = rel.clamp(0, self.cfg.max_len - 1)
-        unit_pos = (self.unit_pos(self.unit_clock[clock]) if self.cfg.unit_positions == "whisper_sinusoid"
-                    else self.unit_pos_emb(clock))
-        pos = torch.where(is_prefix[..., None], self.text_pos_emb(pos_in_seq.clamp(max=self.cfg.max_text - 1)), unit_pos)
+        pos = torch.where(is_prefix[..., None], self.text_pos_emb(pos_in_seq.clamp(max=self.cfg.max_text - 1)),
+                          self.unit_position(rel))
         x = self.drop(x + pos)
         for block in self.blocks:
             x = block(x)
@@ -328,6 +333,68 @@ class TasteModel(nn.Module):
         logits = self.head(h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1])))
         ce = F.cross_entropy(logits.float().transpose(1, 2), self.targets(batch), ignore_index=-100)
         return logits, {"ce": ce, "loss": ce}
+
+    def unit_position(self, rel: torch.Tensor) -> torch.Tensor:
+        """Position vectors of the unit stream: ``rel`` is 0 at TASK and t at u_t."""
+        clock = rel.clamp(0, self.cfg.max_len - 1)
+        if self.cfg.unit_positions == "whisper_sinusoid":
+            return self.unit_pos(self.unit_clock[clock])
+        return self.unit_pos_emb(clock)
+
+    @torch.no_grad()
+    def generate(self, batch: dict, max_units: int | None = None, top_k: int | None = None,
+                 temperature: float = 1.0, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+        """Free-running units for each item of ``batch`` (its text, and speech for taste; no units),
+        one at a time with a key/value cache, until END or ``max_units``. Greedy unless ``top_k``:
+        then sampled from the ``top_k`` likeliest (``generator`` makes it repeatable). Call in eval mode.
+
+        Each item's sequence is [its prefix, TASK, u_1 ..] as in ``forward``; shorter prefixes are padded
+        at the end and the padding is masked out of every later position's attention.
+        """
+        text_emb, text_len = batch["text_emb"], batch["text_len"]
+        B, L, _ = text_emb.shape
+        dev = text_emb.device
+        max_units = min(max_units or self.cfg.max_len - 1, self.cfg.max_len - 1)
+        if self.cfg.variant == "taste":
+            frame_mask = torch.arange(batch["mid"].shape[1], device=dev)[None] < batch["frame_len"][:, None]
+            prefix = self.prefix(text_emb, batch["mid"], batch["last"], frame_mask)
+        else:
+            prefix = self.prefix(text_emb)
+        pos = torch.arange(L + 1, device=dev)[None].expand(B, L + 1)
+        is_prefix = pos < text_len[:, None]
+        x = torch.zeros(B, L + 1, self.cfg.d_model, device=dev)
+        x[is_prefix] = prefix[is_prefix[:, :L]].float()
+        x[torch.arange(B, device=dev), text_len] = self.unit_emb.weight[self.cfg.task_id].float()
+        x = x + torch.where(is_prefix[..., None], self.text_pos_emb(pos.clamp(max=self.cfg.max_text - 1)),
+                            self.unit_position(torch.zeros_like(pos)))
+        valid = pos <= text_len[:, None]  # the prefix and TASK; later positions are all real
+        caches = [{} for _ in self.blocks]
+
+        def run(h):
+            for block, cache in zip(self.blocks, caches):
+                h = block(h, key_mask=valid, cache=cache)
+            return self.head(self.ln_f(h))
+
+        logits = run(x)[torch.arange(B, device=dev), text_len]  # at TASK: predicts u_1
+        out, done = [[] for _ in range(B)], torch.zeros(B, dtype=torch.bool, device=dev)
+        for t in range(1, max_units + 1):
+            logits = logits.float() / temperature
+            if top_k is None:
+                nxt = logits.argmax(-1)
+            else:
+                kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+                probs = logits.masked_fill(logits < kth, float("-inf")).softmax(-1)
+                nxt = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            done |= nxt == self.cfg.end_id
+            for i in (~done).nonzero()[:, 0].tolist():
+                out[i].append(int(nxt[i]))
+            if done.all() or t == max_units:
+                break
+            h = self.unit_emb(nxt.clamp(max=self.cfg.vocab_size - 1))[:, None] + self.unit_position(
+                torch.full((B, 1), t, device=dev))
+            valid = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool, device=dev)], dim=1)
+            logits = run(h)[:, 0]
+        return [torch.tensor(u, dtype=torch.long) for u in out]
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
