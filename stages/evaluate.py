@@ -2,7 +2,8 @@
 
     python stages/evaluate.py <manifest> <whisper> <text> <s3> <train s3> <models_dir> <metrics.json> <plots_dir>
 
-The first four are the test split's tables; <models_dir>/<variant> holds each trained variant.
+The first four are the test split's tables; <models_dir>/<variant> holds each trained variant (every
+name of train.variants and train.finetune).
 """
 
 import argparse
@@ -21,7 +22,8 @@ def main() -> None:
     args = ap.parse_args()
     p, t, tr = params.load("evaluate"), params.load("text"), params.load("train")
     files = {"manifest_path": args.manifest, "whisper_path": args.whisper, "text_path": args.text, "s3_path": args.s3}
-    result = evaluate.run(files, args.train_s3, {v: f"{args.models_dir}/{v}" for v in tr.variants}, t.model,
+    variants = [*tr.variants, *tr.finetune]
+    result = evaluate.run(files, args.train_s3, {v: f"{args.models_dir}/{v}" for v in variants}, t.model,
                           tr.seed, p.batch_size,
                           p.attention_utterances, args.metrics, args.plots_dir, tr.device)
     for k in ("targets", "top1_acc", "change_top1_acc", "nll", "text_only_change_top1_acc", "text_only_nll",

@@ -1,6 +1,8 @@
-"""Stage train: one variant (taste or text_only) on the train split; best checkpoint by validation NLL.
+"""Stages train and finetune: one variant of train.variants / train.finetune on the train split; best
+checkpoint by validation NLL.
 
     python stages/train.py <variant> <manifest> <whisper> <text> <s3> <model_dir> <live_dir> [--resume-dir DIR]
+        [--init <model_dir of the variant it starts from>]
 
 A run that is killed resumes from its last saved step when started again with the same params and
 inputs (the state lives in --resume-dir, which DVC does not clear; see train.fit). Under
@@ -10,6 +12,7 @@ inputs (the state lives in --resume-dir, which DVC does not clear; see train.fit
 import argparse
 import contextlib
 import dataclasses
+import sys
 
 from dvclive import Live
 
@@ -25,8 +28,12 @@ def main() -> None:
     ap.add_argument("model_dir")
     ap.add_argument("live_dir")
     ap.add_argument("--resume-dir", help="where the resume state is kept between a kill and a rerun")
+    ap.add_argument("--init", help="model dir of the variant this one starts from (train.finetune.<name>.init)")
     args = ap.parse_args()
-    p, w, base = params.load("train"), params.load("whisper"), params.load("base")
+    w, base = params.load("whisper"), params.load("base")
+    p, kind, init = params.load("train").variant(args.variant)
+    if (init is None) != (args.init is None):
+        sys.exit(f"train.finetune.{args.variant}.init is {init!r} but --init is {args.init!r}: run it as dvc.yaml does")
     if relaunch(p.processes, "train.processes"):
         return
     device = hardware.resolve_device(p.device, "train.device")
@@ -41,14 +48,17 @@ def main() -> None:
     # The held-out speaker follows base.seed, not train.seed: seeds then differ only in initialization and
     # batch order, so a seed sweep compares variants on the same data.
     train_ex, val_ex = data.speaker_split(examples, p.val_speakers, base.seed)
-    model = train.build_model(args.variant, int(meta["vocab_size"]), examples[0].text_emb.shape[1],
+    model = train.build_model(kind, int(meta["vocab_size"]), examples[0].text_emb.shape[1],
                               examples[0].mid.shape[1], p, w.model)
-    print(f"{args.variant}: {model.num_params() / 1e6:.2f} M parameters; {len(train_ex)} train / "
+    if args.init:
+        got = train.init_from(model, args.init)
+        print(f"{args.variant}: starts from {args.init} ({len(got['copied'])} tensors; fresh: {len(got['fresh'])})")
+    print(f"{args.variant} ({kind}): {model.num_params() / 1e6:.2f} M parameters; {len(train_ex)} train / "
           f"{len(val_ex)} validation utterances (speaker-disjoint); targets {meta['targets']}")
     lead = ranks.rank == 0
     with Live(args.live_dir, dvcyaml=None, save_dvc_exp=False) if lead else contextlib.nullcontext() as live:
         if lead:
-            live.log_params({"variant": args.variant, "seed": p.seed, "targets": meta["targets"], "amp": amp,
+            live.log_params({"variant": args.variant, "model": kind, "init": init or "", "seed": p.seed, "targets": meta["targets"], "amp": amp,
                              "device": device, "cpu": hardware.cpu_description()})
         fp = checkpoint.fingerprint(p, args.variant, [args.manifest, args.whisper, args.text, args.s3])
         summary = train.fit(model, train_ex, val_ex, p, args.model_dir, live, args.resume_dir, fp, p.checkpoint_steps,

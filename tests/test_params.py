@@ -75,3 +75,54 @@ def test_stage_scripts_name_the_param_for_bad_inputs(tmp_path):
     r = stage("whisper", tmp_path / "m" / "manifest.parquet", tmp_path / "w.parquet")
     assert r.returncode != 0 and "whisper.mid_layer: 9" in r.stderr
     assert not (tmp_path / "w.parquet").exists()
+
+
+def test_defaults_in_code_equal_params_yaml():
+    """One source of truth: every param's dataclass default is params.yaml's value (the embedded corpus's
+    voice lists excepted: they are data, and the code refuses to run without them)."""
+    import dataclasses
+    import pathlib
+
+    doc = yaml.safe_load((pathlib.Path(__file__).parents[1] / "params.yaml").read_text())
+    for section, cls in params.SECTIONS.items():
+        default = cls()
+        assert set(doc[section]) == {f.name for f in dataclasses.fields(cls)}, section
+        for key, value in doc[section].items():
+            if (section, key) in {("synthesize", "train_voices"), ("synthesize", "test_voices")}:
+                continue
+            assert getattr(default, key) == value, f"{section}.{key}: code {getattr(default, key)!r}, params.yaml {value!r}"
+
+
+def test_train_params_build_the_model_config_field_by_field():
+    import dataclasses
+
+    from taste_pipeline.model import ModelArgs, ModelConfig
+
+    p = params.Train(d_model=64, n_layers=2, agg_layers=3, text_dropout=0.2)
+    cfg = ModelConfig.build(p, variant="taste", vocab_size=8, d_query=32, d_audio=32)
+    for f in dataclasses.fields(ModelArgs):
+        assert getattr(cfg, f.name) == getattr(p, f.name)
+
+
+@pytest.mark.parametrize("doc,match", [
+    ({"variants": {"taste": {"model": "taste"}}}, "train.variants: needs text_only"),
+    ({"variants": {"taste": {"model": "taste"}, "text_only": {"model": "text_only"}, "big": {"model": "taste", "d_model": "x"}}},
+     "train.variants.big.d_model"),
+    ({"variants": {"taste": {"model": "taste"}, "text_only": {"model": "text_only"}, "odd": {"model": "taste", "n_heads": 5}}},
+     "train.variants.odd: train.d_model: 192 is not divisible by train.n_heads 5"),
+    ({"finetune": {"ft": {"model": "taste", "init": "nope"}}}, "train.finetune.ft.init: 'nope'"),
+    ({"finetune": {"ft": {"model": "speech"}}}, "train.finetune.ft: needs model"),
+    ({"finetune": {"taste": {"model": "taste", "init": "text_only"}}}, "used twice"),
+])
+def test_variants_are_checked_naming_the_param(tmp_path, doc, match):
+    with pytest.raises(params.ParamError, match=match):
+        params.load("train", _write(tmp_path, {"train": doc}))
+
+
+def test_a_variant_overrides_only_its_own_params(tmp_path):
+    p = params.load("train", _write(tmp_path, {"train": {"lr": 0.002, "finetune": {
+        "ft": {"model": "taste", "init": "text_only", "lr": 0.0005, "epochs": 3}}}}))
+    own, model, init = p.variant("ft")
+    assert (own.lr, own.epochs, model, init) == (0.0005, 3, "taste", "text_only")
+    base, model, init = p.variant("taste")
+    assert (base.lr, base.epochs, model, init) == (0.002, p.epochs, "taste", None)

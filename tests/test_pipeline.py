@@ -36,7 +36,7 @@ def repo(tmp_path_factory):
                            test_voices=["en-us+m3"])
     p["s3"].update(standin_units=16)
     p["train"].update(epochs=2, batch_size=2, d_model=32, n_heads=2, n_layers=1, d_ff=64, agg_layers=1, warmup_steps=2,
-                      val_speakers=1)
+                      val_speakers=1, finetune={"taste_ft": {"model": "taste", "init": "text_only", "epochs": 1}})
     p["evaluate"].update(attention_utterances=1)
     (repo / "params.yaml").write_text(yaml.safe_dump(p))
     _run(["git", "init", "-q"], repo)
@@ -68,6 +68,7 @@ def test_metrics_and_plots(repo):
                 "shuffled_speech_change_top1_acc", "copy_prev_top1_acc"):
         assert 0 <= m[key] < 100, key
     assert m["num_utterances"] == 3 and "not S3" in m["targets"]
+    assert 0 < m["taste_ft_nll"] < 100 and m["best_epoch"]["taste_ft"] == 0  # the finetuned variant, 1 epoch
     for png in ("per_position.png", "loss_curves.png"):
         assert (repo / "plots/eval" / png).stat().st_size > 1000
     assert len(list((repo / "plots/eval/attention").glob("*.png"))) == 1
@@ -75,6 +76,13 @@ def test_metrics_and_plots(repo):
     _run(["dvc", "plots", "show", "-o", str(repo / "plots_html")], repo)
     assert (repo / "plots_html" / "index.html").exists()
     assert (repo / "metrics/train/taste/plots/metrics/train/step_loss.tsv").exists()
+
+
+def test_a_finetuned_variant_runs_after_the_one_it_starts_from(repo):
+    dag = _run(["dvc", "dag", "--dot"], repo)
+    assert '"train@text_only" -> "finetune@taste_ft"' in dag and '"finetune@taste_ft" -> "evaluate"' in dag
+    log = (repo / "metrics/train/taste_ft/params.yaml").read_text()
+    assert "init: text_only" in log and "model: taste" in log
 
 
 def test_second_repro_does_nothing(repo):

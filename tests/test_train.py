@@ -86,3 +86,44 @@ def test_initial_weights_follow_the_training_seed():
     c = train.build_model("taste", 8, 384, 384, Train(**{**p.__dict__, "seed": 4}), None).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+@pytest.mark.parametrize("width", [384, 512, 768, 1024, 1280])
+def test_fresh_aggregator_takes_whisper_shapes_for_every_width(width):
+    """agg_init: fresh works for every Whisper width (64-wide heads, FFN 4x), not only those divisible by 6."""
+    p = Train(d_model=32, n_heads=2, n_layers=1, d_ff=64, agg_layers=1, agg_init="fresh")
+    model = train.build_model("taste", 8, width, width, p, None)
+    assert model.cfg.agg_heads == width // 64 and model.cfg.agg_ffn == 4 * width
+    ex = _examples(n=2)
+    for e in ex:
+        e.text_emb, e.mid, e.last = (torch.randn(len(t), width).half() for t in (e.text_emb, e.mid, e.last))
+    logits, losses = model(data.collate(ex))
+    assert torch.isfinite(losses["loss"])
+
+
+def test_fresh_aggregator_refuses_a_width_it_cannot_split_naming_the_param():
+    p = Train(d_model=32, n_heads=2, n_layers=1, d_ff=64, agg_layers=1, agg_init="fresh")
+    with pytest.raises(ValueError, match="train.agg_init.*whisper.model.*100"):
+        train.build_model("taste", 8, 100, 100, p, None)
+
+
+def test_a_finetuned_variant_starts_from_the_other_checkpoint(tmp_path):
+    """text_only -> taste: the shared decoder starts trained, what only taste has starts fresh."""
+    p = Train(d_model=32, n_heads=2, n_layers=1, d_ff=64, agg_layers=1, agg_init="fresh", seed=1)
+    first = train.build_model("text_only", 8, 384, 384, p, None)
+    with torch.no_grad():
+        for t in first.parameters():
+            t.add_(1.0)
+    checkpoint.save_checkpoint(first, tmp_path / "text_only", {})
+    fresh = train.build_model("taste", 8, 384, 384, p, None)
+    second = train.build_model("taste", 8, 384, 384, p, None)
+    got = train.init_from(second, tmp_path / "text_only")
+    theirs, ours, before = first.state_dict(), second.state_dict(), fresh.state_dict()
+    assert got["copied"] and got["fresh"] and set(got["copied"]) | set(got["fresh"]) == set(ours)
+    assert all(torch.equal(ours[k], theirs[k]) for k in got["copied"])
+    assert all(torch.equal(ours[k], before[k]) for k in got["fresh"])
+    assert any(k.startswith("aggregator.") for k in got["fresh"]) and "head.weight" in got["copied"]
+    wider = train.build_model("taste", 8, 384, 384, Train(d_model=64, n_heads=2, n_layers=1, d_ff=64, agg_layers=1,
+                                                          agg_init="fresh"), None)
+    with pytest.raises(ValueError, match="shapes differ"):
+        train.init_from(wider, tmp_path / "text_only")

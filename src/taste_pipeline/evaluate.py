@@ -44,6 +44,9 @@ def run(test_files: dict, train_s3: str, model_dirs: dict[str, str], text_model:
     plots = Path(plots_dir)
     plots.mkdir(parents=True, exist_ok=True)
     test, meta = data.load_split(**test_files)
+    missing = [d for d in model_dirs.values() if not (Path(d) / checkpoint.MODEL_FILE).exists()]
+    if missing:
+        raise FileNotFoundError(f"no trained model in {missing}: run the train / finetune stages first")
     models = {name: checkpoint.load_checkpoint(d, device) for name, d in model_dirs.items()}
     for name, (model, info) in models.items():
         if info["model_args"]["vocab_size"] != int(meta["vocab_size"]):
@@ -57,8 +60,9 @@ def run(test_files: dict, train_s3: str, model_dirs: dict[str, str], text_model:
     preds.update(metrics.baseline_preds([e.units.numpy() for e in test], [np.asarray(t) for t in train_targets]))
 
     scores = {name: metrics.score(p) for name, p in preds.items()}
+    # The headline is taste's, unprefixed; every other variant and the controls get their name as prefix.
     result = {f"{k}": v for k, v in scores["taste"].items()}
-    for name in ("text_only", "shuffled_speech"):
+    for name in [n for n in models if n != "taste"] + ["shuffled_speech"]:
         result.update({f"{name}_{k}": v for k, v in scores[name].items()})
     for name in ("copy_prev", "most_frequent"):
         result.update({f"{name}_{k}": v for k, v in scores[name].items() if k != "nll"})
@@ -68,7 +72,7 @@ def run(test_files: dict, train_s3: str, model_dirs: dict[str, str], text_model:
                    "best_epoch": {n: info["best"]["epoch"] for n, (_, info) in models.items()}})
     _write_json(Path(metrics_path), result)
 
-    curves = {name: metrics.per_position(preds[name]) for name in ("taste", "text_only", "shuffled_speech", "copy_prev")}
+    curves = {name: metrics.per_position(preds[name]) for name in [*models, "shuffled_speech", "copy_prev"]}
     _write_json(plots / "per_position.json", [dict(r, system=name) for name, rows in curves.items() for r in rows])
     metrics.plot_per_position(curves, plots / "per_position.png")
 

@@ -16,7 +16,7 @@ u_1 .. u_T, END (the shape of CosyVoice's text-to-token LM). Loss only on the un
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -25,15 +25,19 @@ import torch.nn.functional as F
 VARIANTS = ("taste", "text_only")
 
 
-@dataclass
-class ModelConfig:
-    variant: str = "taste"
-    vocab_size: int = 128  # target units; END and TASK are added after them
-    d_query: int = 384  # text embedding width
-    d_audio: int = 384  # Whisper encoder width (keys and values)
-    agg_layers: int = 2
-    agg_heads: int = 6
-    agg_ffn: int = 1536
+class ConfigError(ValueError):
+    """A model hyperparameter (a ``train`` param) has a value the model cannot take; names the param."""
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """Every architecture hyperparameter, with params.yaml's defaults (a test keeps them equal).
+
+    The ``train`` params inherit these fields, so adding a hyperparameter is one field here, its entry in
+    params.yaml and its use; checks name the param as ``train.<field>``.
+    """
+
+    agg_layers: int = 4  # aggregator layers (the pretrained Whisper decoder's first ones with agg_init whisper)
     agg_init: str = "whisper"  # whisper: the pretrained Whisper decoder's first layers; fresh: random
     # The last ``agg_value_layers`` aggregator layers take their values from the middle Whisper layer;
     # the layers before them read keys = values = the last layer, the states the pretrained decoder
@@ -49,11 +53,10 @@ class ModelConfig:
     # mid-layer frames, after v_proj/out_proj); "residual": the aggregator's final hidden state, which
     # also carries the token's text identity through the residual stream.
     agg_output: str = "attention"
-    max_text: int = 448  # aggregator positions, Whisper's prefix included
-    d_model: int = 256
+    d_model: int = 192
     n_heads: int = 4
-    n_layers: int = 4
-    d_ff: int = 1024
+    n_layers: int = 3
+    d_ff: int = 768
     max_len: int = 2048  # unit positions: TASK + units (2048 = 41 s at 50 Hz)
     # "whisper_sinusoid": a unit's position is a learned projection of the same sinusoid that Whisper's
     # encoder adds to frame t, so the decoder's clock and the time code inside the speech vectors share
@@ -63,6 +66,43 @@ class ModelConfig:
     # decoder has to learn to read the speech vectors instead of memorizing from text alone.
     text_dropout: float = 0.0
     dropout: float = 0.1
+
+    def check(self) -> None:
+        for name in ("d_model", "n_heads", "n_layers", "d_ff", "agg_layers", "max_len"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}: must be at least 1, got {getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"train.d_model: {self.d_model} is not divisible by train.n_heads {self.n_heads}")
+        for name in ("text_dropout", "dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}: must be in [0, 1), got {getattr(self, name)}")
+        if not 1 <= self.agg_value_layers <= self.agg_layers:
+            raise ConfigError(f"train.agg_value_layers: {self.agg_value_layers} is not in 1..train.agg_layers ({self.agg_layers})")
+        for name, allowed in (("agg_output", AGG_OUTPUTS), ("unit_positions", UNIT_POSITIONS), ("agg_init", AGG_INITS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"train.{name}: {getattr(self, name)!r} is not one of {list(allowed)}")
+
+
+AGG_OUTPUTS, UNIT_POSITIONS, AGG_INITS = ("attention", "residual"), ("whisper_sinusoid", "learned"), ("whisper", "fresh")
+
+
+@dataclass(frozen=True)
+class ModelConfig(ModelArgs):
+    """The ``train`` params' ModelArgs plus what the data and the Whisper model decide. Saved in every
+    checkpoint as ``model_args``, from which alone the model is rebuilt."""
+
+    variant: str = "taste"
+    vocab_size: int = 128  # target units; END and TASK are added after them
+    d_query: int = 384  # text embedding width
+    d_audio: int = 384  # Whisper encoder width (keys and values)
+    agg_heads: int = 6
+    agg_ffn: int = 1536
+    max_text: int = 448  # aggregator positions, Whisper's prefix included
+
+    @classmethod
+    def build(cls, args: ModelArgs, **rest) -> "ModelConfig":
+        """The config for ``args`` (any ModelArgs, the train params included) and the other fields."""
+        return cls(**{f.name: getattr(args, f.name) for f in fields(ModelArgs)}, **rest)
 
     @property
     def end_id(self) -> int:
@@ -162,12 +202,8 @@ class Aggregator(nn.Module):
         self.layers = nn.ModuleList(AggregatorLayer(d, cfg.agg_heads, cfg.agg_ffn, d, cfg.dropout)
                                     for _ in range(cfg.agg_layers))
         self.layer_norm = nn.LayerNorm(d)
-        if not 1 <= cfg.agg_value_layers <= cfg.agg_layers:
-            raise ValueError(f"train.agg_value_layers: {cfg.agg_value_layers} is not in 1..{cfg.agg_layers}")
         self.value_layers = cfg.agg_value_layers
         self.freeze_alignment = cfg.agg_freeze_alignment
-        if cfg.agg_output not in ("attention", "residual"):
-            raise ValueError(f"train.agg_output: {cfg.agg_output!r} is not attention or residual")
         self.output = cfg.agg_output
 
     def forward(self, text_emb, mid, last, frame_mask):
@@ -235,8 +271,9 @@ class Block(nn.Module):
 class TasteModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        cfg.check()
         if cfg.variant not in VARIANTS:
-            raise ValueError(f"train.variant: {cfg.variant!r} is not one of {VARIANTS}")
+            raise ConfigError(f"train.variants: model {cfg.variant!r} is not one of {VARIANTS}")
         self.cfg = cfg
         self.text_branch = nn.Linear(cfg.d_query, cfg.d_model)
         if cfg.variant == "taste":
@@ -250,10 +287,8 @@ class TasteModel(nn.Module):
         if cfg.unit_positions == "whisper_sinusoid":
             self.register_buffer("unit_clock", sinusoids(cfg.max_len, cfg.d_audio), persistent=False)
             self.unit_pos = nn.Linear(cfg.d_audio, cfg.d_model, bias=False)
-        elif cfg.unit_positions == "learned":
-            self.unit_pos_emb = nn.Embedding(cfg.max_len, cfg.d_model)
         else:
-            raise ValueError(f"train.unit_positions: {cfg.unit_positions!r} is not whisper_sinusoid or learned")
+            self.unit_pos_emb = nn.Embedding(cfg.max_len, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.dropout) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)

@@ -10,6 +10,7 @@ from typing import Any, get_type_hints
 import yaml
 
 from . import hardware
+from .model import VARIANTS, ConfigError, ModelArgs
 
 
 class ParamError(ValueError):
@@ -115,7 +116,7 @@ class S3:
     source: str = "standin:kmeans"  # or modelscope:iic/CosyVoice-300M, or a path to speech_tokenizer_v1.onnx
     standin_units: int = 128
     standin_norm: str = "utterance"
-    batch_size: int = 8
+    batch_size: int = 1  # CPU: 1 is fastest (bench/s3.py); GPU: 32
     device: str = "cpu"
     dtype: str = "auto"  # S3 encoder precision (auto = float32: codes as s3tokenizer's own); codebook search float32
     rows_per_group: int = 64
@@ -138,64 +139,78 @@ class S3:
 
 
 @dataclass(frozen=True)
-class Train:
-    variants: list = field(default_factory=lambda: ["taste", "text_only"])
+class Train(ModelArgs):
+    """Training params; the architecture's fields (``ModelArgs``) are inherited from the model.
+
+    ``variants``: name -> {model: taste | text_only, and any other train param to override for this
+    variant alone}, each trained from scratch (``train@<name>``). ``finetune``: the same, plus ``init``,
+    the variant whose best checkpoint it starts from (``finetune@<name>``), so a curriculum is a chain
+    of DVC stages.
+    """
+
+    variants: dict = field(default_factory=lambda: {"taste": {"model": "taste"}, "text_only": {"model": "text_only"}})
+    finetune: dict = field(default_factory=dict)
     lr: float = 1e-3
-    epochs: int = 12
+    epochs: int = 16
     batch_size: int = 16
     weight_decay: float = 0.01
     warmup_steps: int = 100
     grad_clip: float = 1.0
     patience: int = 4
-    val_speakers: int = 1
+    val_speakers: int = 3
     device: str = "cpu"
-    amp: bool | str = "auto"  # autocast: auto (bfloat16 only where native), bfloat16, float16, true (bf16), false
-    d_model: int = 192
-    n_heads: int = 4
-    n_layers: int = 3
-    d_ff: int = 768
-    dropout: float = 0.1
-    agg_layers: int = 4
-    agg_value_layers: int = 1
-    agg_freeze_alignment: bool = True
-    agg_output: str = "attention"
-    agg_init: str = "whisper"
-    unit_positions: str = "whisper_sinusoid"
-    text_dropout: float = 0.0
-    max_len: int = 2048
-    checkpoint_steps: int = 0  # resume state every N steps (0: at epoch ends only)
     processes: int = 1  # > 1: DistributedDataParallel under torchrun with this many local processes
+    amp: bool | str = "auto"  # autocast: auto (bfloat16 only where native), bfloat16, float16, true (bf16), false
+    checkpoint_steps: int = 0  # resume state every N steps (0: at epoch ends only)
     seed: int = 1337
 
     def check(self):
+        try:
+            ModelArgs.check(self)
+        except ConfigError as e:
+            raise ParamError(str(e)) from None
         if self.amp not in (True, False, *hardware.CHOICES):
             raise ParamError(f"train.amp: {self.amp!r} is not true, false or one of {list(hardware.CHOICES)}")
         if not self.lr > 0:
             raise ParamError(f"train.lr: must be positive, got {self.lr}")
         _device(self.device, "train.device")
-        if self.processes < 1:
-            raise ParamError(f"train.processes: must be at least 1, got {self.processes}")
-        if self.checkpoint_steps < 0:
-            raise ParamError(f"train.checkpoint_steps: must be 0 or more, got {self.checkpoint_steps}")
-        for name in ("epochs", "batch_size", "d_model", "n_heads", "n_layers", "d_ff", "agg_layers", "max_len"):
+        for name in ("epochs", "batch_size", "processes"):
             if getattr(self, name) < 1:
                 raise ParamError(f"train.{name}: must be at least 1, got {getattr(self, name)}")
-        if self.d_model % self.n_heads:
-            raise ParamError(f"train.d_model: {self.d_model} is not divisible by train.n_heads {self.n_heads}")
-        if not 0 <= self.text_dropout < 1:
-            raise ParamError(f"train.text_dropout: must be in [0, 1), got {self.text_dropout}")
-        if not 0 <= self.dropout < 1:
-            raise ParamError(f"train.dropout: must be in [0, 1), got {self.dropout}")
-        if not 1 <= self.agg_value_layers <= self.agg_layers:
-            raise ParamError(f"train.agg_value_layers: {self.agg_value_layers} is not in 1..train.agg_layers ({self.agg_layers})")
-        if self.agg_output not in ("attention", "residual"):
-            raise ParamError(f"train.agg_output: {self.agg_output!r} is not 'attention' or 'residual'")
-        if self.unit_positions not in ("whisper_sinusoid", "learned"):
-            raise ParamError(f"train.unit_positions: {self.unit_positions!r} is not 'whisper_sinusoid' or 'learned'")
-        if self.agg_init not in ("whisper", "fresh"):
-            raise ParamError(f"train.agg_init: {self.agg_init!r} is not 'whisper' or 'fresh'")
-        if sorted(self.variants) != ["taste", "text_only"]:
-            raise ParamError(f"train.variants: {self.variants} must be [taste, text_only] (evaluate compares them)")
+        if self.checkpoint_steps < 0:
+            raise ParamError(f"train.checkpoint_steps: must be 0 or more, got {self.checkpoint_steps}")
+        for name in ("taste", "text_only"):
+            if self.variants.get(name, {}).get("model") != name:
+                raise ParamError(f"train.variants: needs {name}: {{model: {name}}} (evaluate compares the two)")
+        names = [*self.variants, *self.finetune]
+        if len(set(names)) < len(names):
+            raise ParamError(f"train.variants / train.finetune: a name is used twice in {names}")
+        for name in names:
+            self.variant(name)  # every variant's own params are checked too
+
+    def variant(self, name: str) -> tuple["Train", str, str | None]:
+        """This variant's params (its overrides applied), its model, and the variant it starts from."""
+        group = "variants" if name in self.variants else "finetune"
+        spec = (self.variants if group == "variants" else self.finetune).get(name)
+        where = f"train.{group}.{name}"
+        if not isinstance(spec, dict) or spec.get("model") not in VARIANTS:
+            raise ParamError(f"{where}: needs model: one of {list(VARIANTS)}, got {spec!r}")
+        init = spec.get("init")
+        if group == "finetune" and init not in [n for n in [*self.variants, *self.finetune] if n != name]:
+            raise ParamError(f"{where}.init: {init!r} is not another variant")
+        if group == "variants" and init is not None:
+            raise ParamError(f"{where}.init: a variant with init belongs under train.finetune")
+        overrides = {k: v for k, v in spec.items() if k not in ("model", "init")}
+        bad = sorted(set(overrides) & {"variants", "finetune"})
+        if bad:
+            raise ParamError(f"{where}: {bad} cannot be set per variant")
+        base = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("variants", "finetune")}
+        own = _coerce(where, Train, {**base, **overrides, "variants": {}, "finetune": {}}, check=False)
+        try:
+            ModelArgs.check(own)
+        except ConfigError as e:
+            raise ParamError(f"{where}: {e}") from None
+        return own, spec["model"], init
 
 
 @dataclass(frozen=True)
@@ -208,7 +223,7 @@ SECTIONS = {"base": Base, "data": Data, "synthesize": Synthesize, "resample": Re
             "whisper": Whisper, "text": Text, "s3": S3, "train": Train, "evaluate": Evaluate}
 
 
-def _coerce(section: str, cls, raw: dict[str, Any]):
+def _coerce(section: str, cls, raw: dict[str, Any], check: bool = True):
     if not isinstance(raw, dict):
         raise ParamError(f"{section}: expected a mapping, got {type(raw).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}
@@ -222,7 +237,7 @@ def _coerce(section: str, cls, raw: dict[str, Any]):
         ok = {int: lambda v: isinstance(v, int) and not isinstance(v, bool),
               float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
               bool: lambda v: isinstance(v, bool), str: lambda v: isinstance(v, str),
-              list: lambda v: isinstance(v, list)}
+              list: lambda v: isinstance(v, list), dict: lambda v: isinstance(v, dict)}
         if want == (bool | str):
             good = isinstance(value, (bool, str))
         elif want == (int | None):
@@ -235,7 +250,7 @@ def _coerce(section: str, cls, raw: dict[str, Any]):
             raise ParamError(f"{section}.{key}: {value!r} is not a valid {getattr(want, '__name__', want)}")
         values[key] = float(value) if want in (float, float | None) and value is not None else value
     obj = cls(**values)
-    if hasattr(obj, "check"):
+    if check and hasattr(obj, "check"):
         obj.check()
     return obj
 

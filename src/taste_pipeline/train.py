@@ -211,26 +211,45 @@ def fit(model: TasteModel, train_ex: list[Example], val_ex: list[Example], cfg: 
     return {"best": prog.best, "history": prog.history, "steps": prog.step}
 
 
-def build_model(variant: str, vocab_size: int, d_query: int, d_audio: int, p: Train,
+def build_model(model: str, vocab_size: int, d_query: int, d_audio: int, p: Train,
                 whisper_model: str | None) -> TasteModel:
-    """A fresh model from the ``train`` params; the aggregator starts from Whisper when asked.
+    """A fresh ``model`` (taste or text_only) from the ``train`` params; the aggregator starts from
+    Whisper's decoder with ``agg_init: whisper``, else random with Whisper's shape rule for its width
+    (64-wide heads, FFN 4x the width).
 
     The initial weights follow ``train.seed``: torch seeds its default generator at random in every
     process, so without this the same params would train a different model each run.
     """
     torch.manual_seed(p.seed)
-    cfg = ModelConfig(variant=variant, vocab_size=vocab_size, d_query=d_query, d_audio=d_audio,
-                      agg_layers=p.agg_layers, agg_value_layers=p.agg_value_layers,
-                      agg_freeze_alignment=p.agg_freeze_alignment, agg_output=p.agg_output, agg_init=p.agg_init,
-                      unit_positions=p.unit_positions, text_dropout=p.text_dropout if variant == "taste" else 0.0, d_model=p.d_model, n_heads=p.n_heads,
-                      n_layers=p.n_layers, d_ff=p.d_ff, max_len=p.max_len, dropout=p.dropout)
-    if variant == "taste" and p.agg_init == "whisper":
-        from . import whisper
+    cfg = ModelConfig.build(p, variant=model, vocab_size=vocab_size, d_query=d_query, d_audio=d_audio)
+    if model != "taste":
+        return TasteModel(dataclasses.replace(cfg, text_dropout=0.0))
+    if p.agg_init == "fresh":
+        if d_audio % 64:
+            raise ValueError(f"train.agg_init: fresh gives the aggregator 64-wide heads, but the Whisper width "
+                             f"(whisper.model) is {d_audio}, not a multiple of 64")
+        return TasteModel(dataclasses.replace(cfg, agg_heads=d_audio // 64, agg_ffn=4 * d_audio))
+    from . import whisper
 
-        wm = whisper.load_model(whisper_model)
-        cfg.agg_heads, cfg.agg_ffn, cfg.max_text = (wm.config.decoder_attention_heads, wm.config.decoder_ffn_dim,
-                                                    wm.config.max_target_positions)
-        model = TasteModel(cfg)
-        model.aggregator.init_from_whisper(wm)
-        return model
-    return TasteModel(cfg)
+    wm = whisper.load_model(whisper_model)
+    model = TasteModel(dataclasses.replace(cfg, agg_heads=wm.config.decoder_attention_heads,
+                                           agg_ffn=wm.config.decoder_ffn_dim, max_text=wm.config.max_target_positions))
+    model.aggregator.init_from_whisper(wm)
+    return model
+
+
+def init_from(model: TasteModel, init_dir: str | Path) -> dict[str, list[str]]:
+    """Start ``model`` from another variant's best checkpoint (``train.finetune.<name>.init``): every
+    tensor both have, of the same shape, is copied; what only ``model`` has keeps its fresh value.
+    Returns what was copied and what was left fresh; a shape that differs is an error."""
+    from safetensors.torch import load_file
+
+    theirs = load_file(str(Path(init_dir) / "model.safetensors"))
+    ours = model.state_dict()
+    wrong = [k for k in ours if k in theirs and theirs[k].shape != ours[k].shape]
+    if wrong:
+        raise ValueError(f"{init_dir}: cannot start from it, shapes differ for {wrong[:5]} "
+                         f"(the two variants must share d_model, n_layers, ... in train params)")
+    copied = [k for k in ours if k in theirs]
+    model.load_state_dict({**ours, **{k: theirs[k] for k in copied}})
+    return {"copied": copied, "fresh": [k for k in ours if k not in theirs]}
