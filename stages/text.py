@@ -14,7 +14,7 @@ def main() -> None:
     ap.add_argument("out")
     args = ap.parse_args()
     p = params.load("text")
-    n = text.extract_split(args.manifest, args.out, p.model, p.case)
+    n = text.extract_split(args.manifest, args.out, p.model, p.case, p.rows_per_group)
     print(f"{args.out}: {n} utterances")
 
 

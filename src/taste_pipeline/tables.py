@@ -197,15 +197,15 @@ class TableWriter:
 
 
 def write_table(dest: str | os.PathLike, table: pa.Table | dict, schema: pa.Schema,
-                metadata: dict[str, str] | None = None) -> None:
-    """Validate and write a whole (small) table atomically."""
+                metadata: dict[str, str] | None = None, rows_per_group: int | None = None) -> None:
+    """Validate and write a whole table atomically (``rows_per_group`` rows per row group; None: one)."""
     if isinstance(table, dict):
         table = pa.Table.from_pydict(table, schema=schema)
     check_schema(table.schema, schema, str(dest))
     if metadata:
         table = table.replace_schema_metadata(metadata)
     with atomic_path(dest) as tmp:
-        pq.write_table(table, tmp)
+        pq.write_table(table, tmp, row_group_size=rows_per_group)
 
 
 # ---------------------------------------------------------------------------------------------

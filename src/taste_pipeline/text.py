@@ -60,8 +60,9 @@ def embed(table: np.ndarray, ids: list[int]) -> np.ndarray:
     return table[np.asarray(ids, dtype=np.int64)]
 
 
-def extract_split(manifest_path, out_path, model_name: str, case: str) -> int:
-    """Write the text table of one split; returns the number of rows."""
+def extract_split(manifest_path, out_path, model_name: str, case: str, rows_per_group: int = 64) -> int:
+    """Write the text table of one split, ``rows_per_group`` utterances per Parquet row group (training
+    reads it a row group at a time); returns the number of rows."""
     from tqdm import tqdm
 
     from . import tables
@@ -77,5 +78,5 @@ def extract_split(manifest_path, out_path, model_name: str, case: str) -> int:
     tables.write_table(out_path, tables.validate_text(pa.Table.from_pydict(
         {"utt_id": utt_ids, "token_ids": ids, "emb": tables.matrix_column([embed(table, i) for i in ids], width)},
         schema=tables.text_schema(width))), tables.text_schema(width),
-        metadata={"text.model": model_name, "text.case": case, "special_tokens": "none"})
+        metadata={"text.model": model_name, "text.case": case, "special_tokens": "none"}, rows_per_group=rows_per_group)
     return len(ids)
