@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # DVC runs stage commands through the shell; put the venv first so `python` is ours.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: repro test venv clean-venv
+.PHONY: repro test plots venv clean-venv
 
 $(BIN)/.installed: requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ repro: venv
 
 test: venv
 	$(BIN)/python -m pytest -q
+
+# The plots page, offline (no CDN), checked in headless Chromium when it is installed.
+plots: venv
+	$(BIN)/python scripts/plots_page.py -o dvc_plots $$(command -v chromium >/dev/null && echo --check)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,11 +1,14 @@
-"""Peak memory of the whisper stage on N and 4N utterances: streaming keeps it flat.
+"""Peak memory of a stage on N and 4N utterances: streaming keeps it flat.
 
-    python bench/memory.py [--n 24] [--seconds 20]
+    python bench/memory.py [--stage whisper|train|evaluate] [--n 24] [--seconds 20]
 
-Writes a resampled split of N (then 4N) copies of one `--seconds` s utterance, runs the real stage
-script (stages/whisper.py, params.yaml's `whisper` section with rows_per_group 8) in a fresh process
-each time, and reads that process's peak RSS. A stage that held the split in memory would grow by the
-size of its table (frames x width x 2 layers); one that streams row groups stays put.
+whisper: writes a resampled split of N (then 4N) copies of one `--seconds` s utterance and runs the real
+stage script (params.yaml's `whisper` section, rows_per_group 8).
+train / evaluate: writes the four tables of a split of N (then 4N) utterances of `--seconds` s with
+random features of tiny.en's width (row groups of 8) and runs stages/train.py (a small model, one epoch,
+`train.buffer_rows` 16) or stages/evaluate.py (`evaluate.buffer_rows` 16, on models trained first).
+Each run is a fresh process; its peak RSS is read. A stage that held the split in memory would grow by
+the size of its tables; one that streams row groups stays put.
 Last line: `ratio: <peak RSS at 4N / peak RSS at N>` (target <= 1.3).
 """
 
@@ -46,16 +49,54 @@ def make_split(out: Path, utterance: np.ndarray, n: int) -> Path:
     return out / "manifest.parquet"
 
 
-def peak_rss_mb(manifest: Path, workdir: Path) -> float:
-    out = subprocess.run([sys.executable, "-c", PROBE, str(REPO / "stages" / "whisper.py"), str(manifest),
-                          str(workdir / f"{manifest.parent.name}.parquet")],
-                         cwd=workdir, check=True, capture_output=True, text=True)
+def peak_rss_mb(script: str, args: list, workdir: Path) -> float:
+    out = subprocess.run([sys.executable, "-c", PROBE, str(REPO / "stages" / script), *map(str, args)],
+                         cwd=workdir, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"{script} failed:\n{out.stderr[-3000:]}")
     kb = [line.split()[1] for line in out.stdout.splitlines() if line.startswith("peak_rss_kb")]
     return int(kb[-1]) / 1024
 
 
+def make_tables(out: Path, n: int, seconds: int, width: int = 384, seed: int = 0) -> dict[str, Path]:
+    """The four tables of a split of ``n`` utterances (4 speakers), random features, row groups of 8."""
+    rng = np.random.default_rng(seed)
+    out.mkdir(parents=True)
+    frames = tables.frames_for(seconds * tables.SAMPLE_RATE)
+    ids = [f"{i % 4}-1-{i:04d}" for i in range(n)]
+    manifest = {"utt_id": ids, "speaker_id": [u.split("-")[0] for u in ids], "chapter_id": ["1"] * n,
+                "text": ["memory probe"] * n, "num_samples": [seconds * tables.SAMPLE_RATE] * n,
+                "duration": [float(seconds)] * n, "audio_path": [f"audio/{u}.flac" for u in ids]}
+    tables.write_table(out / "manifest.parquet", manifest, tables.MANIFEST)
+    mats = lambda rows: tables.matrix_column([rng.standard_normal((rows, width)).astype(np.float16) for _ in ids], width)  # noqa: E731
+    tokens = 3 * seconds
+    tables.write_table(out / "whisper.parquet", {"utt_id": ids, "num_frames": [frames] * n, "mid": mats(frames),
+                                                 "last": mats(frames)}, tables.whisper_schema(width, width),
+                       rows_per_group=8)
+    tables.write_table(out / "text.parquet", {"utt_id": ids, "token_ids": [list(range(100, 100 + tokens))] * n,
+                                              "emb": mats(tokens)}, tables.text_schema(width), rows_per_group=8)
+    tables.write_table(out / "s3.parquet", {"utt_id": ids, "num_tokens": [frames] * n,
+                                            "tokens": [rng.integers(0, 16, frames).tolist() for _ in ids]},
+                       tables.S3, metadata={"targets": "random (memory probe)", "vocab_size": "16"}, rows_per_group=8)
+    return {k: out / f"{k}.parquet" for k in ("manifest", "whisper", "text", "s3")}
+
+
+def model_stage(stage: str, t: dict[str, Path], workdir: Path) -> float:
+    """Peak RSS of the train stage (taste) or of evaluate (after training both variants)."""
+    def train_args(variant):
+        return [variant, t["manifest"], t["whisper"], t["text"], t["s3"], workdir / "models" / variant,
+                workdir / "live" / variant]
+    if stage == "train":
+        return peak_rss_mb("train.py", train_args("taste"), workdir)
+    for variant in ("taste", "text_only"):
+        peak_rss_mb("train.py", train_args(variant), workdir)
+    return peak_rss_mb("evaluate.py", [t["manifest"], t["whisper"], t["text"], t["s3"], t["s3"], workdir / "models",
+                                       workdir / "eval.json", workdir / "plots"], workdir)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stage", choices=["whisper", "train", "evaluate"], default="whisper")
     ap.add_argument("--n", type=int, default=24)
     ap.add_argument("--seconds", type=int, default=20)
     args = ap.parse_args()
@@ -64,17 +105,28 @@ def main() -> None:
         tmp = Path(tmp)
         doc = yaml.safe_load((REPO / "params.yaml").read_text())
         doc["whisper"]["rows_per_group"] = 8
+        doc["train"].update(epochs=1, batch_size=8, d_model=32, n_heads=2, n_layers=1, d_ff=64, agg_layers=1,
+                            agg_init="fresh", val_speakers=1, buffer_rows=16, warmup_steps=1)
+        doc["evaluate"].update(buffer_rows=16, attention_utterances=1)
         (tmp / "params.yaml").write_text(yaml.safe_dump(doc))
-        utt = speech_mix(None, [args.seconds])[0]
+        utt = speech_mix(None, [args.seconds])[0] if args.stage == "whisper" else None
         peaks = {}
         for n in (args.n, 4 * args.n):
-            manifest = make_split(tmp / f"n{n}", utt, n)
-            peaks[n] = peak_rss_mb(manifest, tmp)
-            t = tables.read_whisper(tmp / f"n{n}.parquet")
-            width = t.schema.field("last").type.value_type.list_size
-            print(f"{n} utterances x {args.seconds} s: peak RSS {peaks[n]:.0f} MB "
-                  f"(table {tables.frames_for(len(utt)) * n * width * 2 * 4 / 2**20:.0f} MB if held as float32)")
-    print(f"model {w.model}, windows {w.windows_s} s, {w.dtype}, rows_per_group 8")
+            work = tmp / f"run{n}"
+            work.mkdir()
+            (work / "params.yaml").write_text((tmp / "params.yaml").read_text())
+            if args.stage == "whisper":
+                manifest = make_split(tmp / f"n{n}", utt, n)
+                peaks[n] = peak_rss_mb("whisper.py", [manifest, work / "w.parquet"], work)
+            else:
+                peaks[n] = model_stage(args.stage, make_tables(tmp / f"n{n}", n, args.seconds), work)
+            size = tables.frames_for(args.seconds * tables.SAMPLE_RATE) * n * 384 * 2 * 2 / 2**20
+            print(f"{args.stage}, {n} utterances x {args.seconds} s: peak RSS {peaks[n]:.0f} MB "
+                  f"(whisper table {size:.0f} MB as float16)")
+    if args.stage == "whisper":
+        print(f"model {w.model}, windows {w.windows_s} s, {w.dtype}, rows_per_group 8")
+    else:
+        print("buffer_rows 16, row groups of 8, width 384")
     print(f"ratio: {peaks[4 * args.n] / peaks[args.n]:.2f}")
 
 

@@ -104,7 +104,7 @@ def main() -> None:
             ("baseline (max-padded, float32)", False, sizes,
              [list(range(i, min(i + args.batch_size, len(examples)))) for i in range(0, len(examples), args.batch_size)]),
             (f"project  (length-sorted, train.amp {p.amp} -> {amp})", amp, None,
-             data.batches(examples, args.batch_size, random.Random(0)))):
+             data.batches(examples, args.batch_size, random.Random(0))[0])):
         torch.manual_seed(0)
         model = train.build_model("taste", 128, 384, 384, cfg, None).to(device)
         run(model, examples, groups[:2], cfg, device, amp, pad)  # warm-up

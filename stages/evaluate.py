@@ -25,7 +25,7 @@ def main() -> None:
     variants = [*tr.variants, *tr.finetune]
     result = evaluate.run(files, args.train_s3, {v: f"{args.models_dir}/{v}" for v in variants}, t.model,
                           tr.seed, p.batch_size,
-                          p.attention_utterances, args.metrics, args.plots_dir, tr.device)
+                          p.attention_utterances, args.metrics, args.plots_dir, tr.device, p.buffer_rows)
     for k in ("targets", "top1_acc", "change_top1_acc", "nll", "text_only_change_top1_acc", "text_only_nll",
               "shuffled_speech_change_top1_acc", "shuffled_speech_nll", "copy_prev_top1_acc"):
         print(f"{k}: {result.get(k)}")

@@ -44,12 +44,11 @@ def main() -> None:
     if ranks.rank == 0:
         print(hardware.describe(str(p.amp).lower(), amp, "train.amp", device))
     p = dataclasses.replace(p, device=device, amp=amp)
-    examples, meta = data.load_split(args.manifest, args.whisper, args.text, args.s3)
+    split, meta = data.load_split(args.manifest, args.whisper, args.text, args.s3)
     # The held-out speaker follows base.seed, not train.seed: seeds then differ only in initialization and
     # batch order, so a seed sweep compares variants on the same data.
-    train_ex, val_ex = data.speaker_split(examples, p.val_speakers, base.seed)
-    model = train.build_model(kind, int(meta["vocab_size"]), examples[0].text_emb.shape[1],
-                              examples[0].mid.shape[1], p, w.model)
+    train_ex, val_ex = data.speaker_split(split, p.val_speakers, base.seed)
+    model = train.build_model(kind, int(meta["vocab_size"]), *split.widths, p, w.model)
     if args.init:
         got = train.init_from(model, args.init)
         print(f"{args.variant}: starts from {args.init} ({len(got['copied'])} tensors; fresh: {len(got['fresh'])})")

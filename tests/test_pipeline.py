@@ -29,7 +29,7 @@ def repo(tmp_path_factory):
     if shutil.which("dvc", path=str(Path(sys.executable).parent)) is None:
         pytest.skip("dvc is not installed beside this Python")
     repo = tmp_path_factory.mktemp("repo")
-    for item in ("dvc.yaml", "stages", "src"):
+    for item in ("dvc.yaml", "stages", "src", "scripts"):
         (shutil.copytree if (ROOT / item).is_dir() else shutil.copy)(ROOT / item, repo / item)
     p = yaml.safe_load((ROOT / "params.yaml").read_text())
     p["synthesize"].update(train_utterances=6, test_utterances=3, train_voices=["en-us", "en+f4"],
@@ -83,6 +83,23 @@ def test_a_finetuned_variant_runs_after_the_one_it_starts_from(repo):
     assert '"train@text_only" -> "finetune@taste_ft"' in dag and '"finetune@taste_ft" -> "evaluate"' in dag
     log = (repo / "metrics/train/taste_ft/params.yaml").read_text()
     assert "init: text_only" in log and "model: taste" in log
+
+
+def test_the_plots_page_works_offline_with_each_plot_once(repo):
+    """scripts/plots_page.py: no script from the network; in headless Chromium (when installed) every
+    vega plot draws and every PNG is shown once."""
+    import sys
+
+    out = _run([sys.executable, "scripts/plots_page.py", "-o", "page"] + (["--check"] if _chromium() else []), repo)
+    html = (repo / "page" / "index.html").read_text()
+    assert "cdn.jsdelivr" not in html and 'src="http' not in html
+    assert "vegaEmbed" in html
+    if _chromium():
+        assert "every plot drew, each PNG once" in out, out
+
+
+def _chromium():
+    return next((b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
 
 
 def test_second_repro_does_nothing(repo):

@@ -8,6 +8,8 @@ import random
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from . import tables
@@ -25,42 +27,155 @@ class Example:
     units: torch.Tensor  # (T,) int64
 
 
-def load_split(manifest_path, whisper_path, text_path, s3_path) -> tuple[list[Example], dict]:
-    """Join the four tables of a split on utt_id; an utterance missing from any of them is an error."""
-    manifest = tables.read_manifest(manifest_path)
-    w, t, s = tables.read_whisper(whisper_path), tables.read_text(text_path), tables.read_s3(s3_path)
-    ids = manifest.column("utt_id").to_pylist()
-    index = {}
-    for name, table in (("whisper", w), ("text", t), ("s3", s)):
-        pos = {u: i for i, u in enumerate(table.column("utt_id").to_pylist())}
-        missing = [u for u in ids if u not in pos]
+class Split:
+    """The four tables of one split joined on utt_id, read lazily.
+
+    In memory per utterance: ids, speaker, text, token ids, target units and lengths (small integer
+    columns). The big columns (text embeddings, Whisper mid/last states) stay in their Parquet files and
+    are read a row group at a time when a batch needs them, so memory is bounded by what ``Loader``
+    holds, not by the split (LibriSpeech train-clean-100 with whisper-large-v3: ~93 GB of states).
+    Every row group is validated as it is read.
+    """
+
+    def __init__(self, manifest_path, whisper_path, text_path, s3_path):
+        manifest = tables.read_manifest(manifest_path)
+        s = tables.read_s3(s3_path)
+        self.meta = {k.decode(): v.decode() for k, v in (s.schema.metadata or {}).items()}
+        self.utt_ids = manifest.column("utt_id").to_pylist()
+        self.speaker_ids = manifest.column("speaker_id").to_pylist()
+        self.texts = manifest.column("text").to_pylist()
+        self.files = {"whisper": pq.ParquetFile(whisper_path), "text": pq.ParquetFile(text_path)}
+        self.paths = {"whisper": str(whisper_path), "text": str(text_path)}
+        self.validators = {"whisper": tables.validate_whisper, "text": tables.validate_text}
+        # Where each utterance sits: (row group, row within it) per big table, from its utt_id column.
+        self.where: dict[str, list[tuple[int, int]]] = {}
+        for name, f in self.files.items():
+            pos, ids = {}, f.read(columns=["utt_id"]).column("utt_id").to_pylist()
+            starts = np.cumsum([0] + [f.metadata.row_group(g).num_rows for g in range(f.num_row_groups)])
+            for row, u in enumerate(ids):
+                g = int(np.searchsorted(starts, row, side="right") - 1)
+                pos[u] = (g, row - int(starts[g]))
+            missing = [u for u in self.utt_ids if u not in pos]
+            if missing:
+                raise ValueError(f"{name} table lacks utterance {missing[0]} (and {len(missing) - 1} more) of {manifest_path}")
+            self.where[name] = [pos[u] for u in self.utt_ids]
+        s_pos = {u: i for i, u in enumerate(s.column("utt_id").to_pylist())}
+        missing = [u for u in self.utt_ids if u not in s_pos]
         if missing:
-            raise ValueError(f"{name} table lacks utterance {missing[0]} (and {len(missing) - 1} more) of {manifest_path}")
-        index[name] = pos
-    rows = manifest.select(["utt_id", "speaker_id", "text"]).to_pylist()
-    token_ids = t.column("token_ids").to_pylist()
-    tokens = s.column("tokens").to_pylist()
-    out = []
-    for r in rows:
-        u = r["utt_id"]
-        out.append(Example(
-            utt_id=u, speaker_id=r["speaker_id"], text=r["text"],
-            token_ids=np.asarray(token_ids[index["text"][u]]),
-            text_emb=torch.from_numpy(tables.row_matrix(t, "emb", index["text"][u]).copy()),
-            mid=torch.from_numpy(tables.row_matrix(w, "mid", index["whisper"][u]).copy()),
-            last=torch.from_numpy(tables.row_matrix(w, "last", index["whisper"][u]).copy()),
-            units=torch.tensor(tokens[index["s3"][u]], dtype=torch.long)))
-    meta = {k.decode(): v.decode() for k, v in (s.schema.metadata or {}).items()}
-    return out, meta
+            raise ValueError(f"s3 table lacks utterance {missing[0]} (and {len(missing) - 1} more) of {manifest_path}")
+        tokens = s.column("tokens").combine_chunks()
+        offsets, values = tokens.offsets.to_numpy(), tokens.values.to_numpy()
+        self._units = [values[offsets[s_pos[u]] : offsets[s_pos[u] + 1]] for u in self.utt_ids]
+        t = self.files["text"].read(columns=["utt_id", "token_ids"])
+        t_pos = {u: i for i, u in enumerate(t.column("utt_id").to_pylist())}
+        ids = t.column("token_ids").combine_chunks()
+        offsets, values = ids.offsets.to_numpy(), ids.values.to_numpy()
+        self._token_ids = [values[offsets[t_pos[u]] : offsets[t_pos[u] + 1]] for u in self.utt_ids]
+
+    def __len__(self) -> int:
+        return len(self.utt_ids)
+
+    @property
+    def widths(self) -> tuple[int, int]:
+        """(text embedding width, Whisper width)."""
+        width = lambda name, col: self.files[name].schema_arrow.field(col).type.value_type.list_size  # noqa: E731
+        return width("text", "emb"), width("whisper", "mid")
+
+    def num_units(self, i: int) -> int:
+        return len(self._units[i])
+
+    def units(self, i: int) -> np.ndarray:
+        return self._units[i]
+
+    def row_group(self, i: int) -> int:
+        return self.where["whisper"][i][0]
+
+    def examples(self, indices) -> dict[int, Example]:
+        """The Examples of ``indices``, each row group read once."""
+        want = sorted(set(indices))
+        rows: dict[str, dict[int, pa.Table]] = {"whisper": {}, "text": {}}
+        for name, f in self.files.items():
+            cols = ["utt_id", "num_frames", "mid", "last"] if name == "whisper" else ["utt_id", "token_ids", "emb"]
+            for g in sorted({self.where[name][i][0] for i in want}):
+                rows[name][g] = self.validators[name](f.read_row_group(g, columns=cols),
+                                                      f"{self.paths[name]} row group {g}")
+        out = {}
+        for i in want:
+            (wg, wr), (tg, tr) = self.where["whisper"][i], self.where["text"][i]
+            w, t = rows["whisper"][wg], rows["text"][tg]
+            out[i] = Example(
+                utt_id=self.utt_ids[i], speaker_id=self.speaker_ids[i], text=self.texts[i],
+                token_ids=self._token_ids[i],
+                text_emb=torch.from_numpy(tables.row_matrix(t, "emb", tr).copy()),
+                mid=torch.from_numpy(tables.row_matrix(w, "mid", wr).copy()),
+                last=torch.from_numpy(tables.row_matrix(w, "last", wr).copy()),
+                units=torch.from_numpy(self._units[i].astype(np.int64)))
+        return out
 
 
-def speaker_split(examples: list[Example], val_speakers: int, seed: int) -> tuple[list[Example], list[Example]]:
+class InMemory:
+    """A list of Examples behind the same interface as ``Split`` (tests, benches, one utterance)."""
+
+    def __init__(self, examples: list[Example], meta: dict | None = None):
+        self.items, self.meta = examples, meta or {}
+        self.utt_ids = [e.utt_id for e in examples]
+        self.speaker_ids = [e.speaker_id for e in examples]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def widths(self) -> tuple[int, int]:
+        return self.items[0].text_emb.shape[1], self.items[0].mid.shape[1]
+
+    def num_units(self, i: int) -> int:
+        return len(self.items[i].units)
+
+    def units(self, i: int) -> np.ndarray:
+        return self.items[i].units.numpy()
+
+    def row_group(self, i: int) -> int:
+        return 0
+
+    def examples(self, indices) -> dict[int, Example]:
+        return {i: self.items[i] for i in indices}
+
+
+@dataclass
+class Subset:
+    """Some utterances of a split (``indices`` into ``source``)."""
+
+    source: Split | InMemory
+    indices: list[int]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def as_subset(data) -> Subset:
+    """A Subset of all of ``data`` (a Split, an InMemory, a list of Examples or a Subset)."""
+    if isinstance(data, Subset):
+        return data
+    source = InMemory(data) if isinstance(data, list) else data
+    return Subset(source, list(range(len(source))))
+
+
+def load_split(manifest_path, whisper_path, text_path, s3_path) -> tuple[Split, dict]:
+    """Join the four tables of a split on utt_id (lazily); an utterance missing from any of them is an error."""
+    split = Split(manifest_path, whisper_path, text_path, s3_path)
+    return split, split.meta
+
+
+def speaker_split(data, val_speakers: int, seed: int) -> tuple[Subset, Subset]:
     """Hold out ``val_speakers`` whole speakers (chosen with the seed) for validation."""
-    speakers = sorted({e.speaker_id for e in examples})
+    data = as_subset(data)
+    spk = data.source.speaker_ids
+    speakers = sorted({spk[i] for i in data.indices})
     if not 1 <= val_speakers < len(speakers):
         raise ValueError(f"train.val_speakers: {val_speakers} of {len(speakers)} train speakers leaves nothing to train or validate on")
     held = set(random.Random(seed).sample(speakers, val_speakers))
-    return [e for e in examples if e.speaker_id not in held], [e for e in examples if e.speaker_id in held]
+    return (Subset(data.source, [i for i in data.indices if spk[i] not in held]),
+            Subset(data.source, [i for i in data.indices if spk[i] in held]))
 
 
 def collate(examples: list[Example], speech_from: list[Example] | None = None) -> dict:
@@ -88,10 +203,74 @@ def to_device(batch: dict, device: str) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def batches(examples: list[Example], batch_size: int, rng: random.Random | None = None):
-    """Batches of similar length (less padding); shuffled batch order when ``rng`` is given."""
-    order = sorted(range(len(examples)), key=lambda i: (len(examples[i].units), examples[i].utt_id))
-    groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+def batches(data, batch_size: int, rng: random.Random | None = None, buffer_rows: int = 0) -> list[list[list[int]]]:
+    """Batches of similar length (padding is cost), as source indices, grouped in windows.
+
+    When the subset fits in ``buffer_rows`` (or it is 0) there is one window: the whole subset sorted by
+    length, cut into batches, the batch order shuffled with ``rng``. Otherwise the source's row groups
+    (shuffled with ``rng``) are taken a window of about ``buffer_rows`` utterances at a time and the
+    same is done inside each window, so a loader holds one window, never the split. Without ``rng``
+    (validation, test) the order is fixed.
+    """
+    data = as_subset(data)
+    src = data.source
+    key = lambda i: (src.num_units(i), src.utt_ids[i])  # noqa: E731
+
+    def cut(indices: list[int]) -> list[list[int]]:
+        order = sorted(indices, key=key)
+        groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        if rng is not None:
+            rng.shuffle(groups)
+        return groups
+
+    if not buffer_rows or len(data) <= buffer_rows:
+        return [cut(data.indices)]
+    by_group: dict[int, list[int]] = {}
+    for i in data.indices:
+        by_group.setdefault(src.row_group(i), []).append(i)
+    groups = sorted(by_group)
     if rng is not None:
         rng.shuffle(groups)
-    return groups
+    windows, current = [], []
+    for g in groups:
+        current += by_group[g]
+        if len(current) >= buffer_rows:
+            windows.append(cut(current))
+            current = []
+    if current:
+        windows.append(cut(current))
+    return windows
+
+
+class Loader:
+    """This rank's examples for each batch of a window plan (``batches``), one window in memory at a time.
+
+    Under DDP each rank holds only its share of every batch (``share``), so memory per rank is its part
+    of one window.
+    """
+
+    def __init__(self, data, plan: list[list[list[int]]], rank: int = 0, world: int = 1):
+        self.source = as_subset(data).source
+        self.groups = [g for window in plan for g in window]
+        self.window_of = [w for w, window in enumerate(plan) for _ in window]
+        self.plan, self.rank, self.world = plan, rank, world
+        self._window, self._cache = None, {}
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def share(self, group: list[int]) -> tuple[list[int], float]:
+        """This rank's items of a global batch and their weight; a rank left without any (a last batch
+        smaller than the world) still takes part, with the first item and zero weight."""
+        mine = group[self.rank :: self.world]
+        return (mine, 1.0) if mine else (group[:1], 0.0)
+
+    def get(self, b: int, extra: list[int] = ()) -> list[Example]:
+        """This rank's share of batch ``b`` (``extra``: further indices to load with its window)."""
+        w = self.window_of[b]
+        if w != self._window:
+            self._cache = {}  # drop the old window before reading the next one
+            need = [i for g in self.plan[w] for i in self.share(g)[0]] + list(extra)
+            self._cache, self._window = self.source.examples(need), w
+        mine, _ = self.share(self.groups[b])
+        return [self._cache[i] for i in mine]

@@ -36,7 +36,8 @@ def attention(model, ex: data.Example) -> np.ndarray:
 
 
 def run(test_files: dict, train_s3: str, model_dirs: dict[str, str], text_model: str, seed: int,
-        batch_size: int, attention_utterances: int, metrics_path: str, plots_dir: str, device: str = "cpu") -> dict:
+        batch_size: int, attention_utterances: int, metrics_path: str, plots_dir: str, device: str = "cpu",
+        buffer_rows: int = 0) -> dict:
     from . import hardware
     from . import text as text_mod
 
@@ -52,12 +53,13 @@ def run(test_files: dict, train_s3: str, model_dirs: dict[str, str], text_model:
         if info["model_args"]["vocab_size"] != int(meta["vocab_size"]):
             raise ValueError(f"{model_dirs[name]} was trained on {info['model_args']['vocab_size']} units, "
                              f"the test targets have {meta['vocab_size']}")
-    preds = {name: train.predict(m, test, batch_size, device) for name, (m, _) in models.items()}
+    preds = {name: train.predict(m, test, batch_size, device, buffer_rows=buffer_rows) for name, (m, _) in models.items()}
     perm = metrics.derangement(len(test), seed)
     preds["shuffled_speech"] = train.predict(models["taste"][0], test, batch_size, device,
-                                             speech_from=[test[j] for j in perm])
+                                             speech_from=dict(enumerate(perm)), buffer_rows=buffer_rows)
     train_targets = tables.read_s3(train_s3).column("tokens").to_pylist()
-    preds.update(metrics.baseline_preds([e.units.numpy() for e in test], [np.asarray(t) for t in train_targets]))
+    units = [test.units(i) for i in range(len(test))]
+    preds.update(metrics.baseline_preds(units, [np.asarray(t) for t in train_targets]))
 
     scores = {name: metrics.score(p) for name, p in preds.items()}
     # The headline is taste's, unprefixed; every other variant and the controls get their name as prefix.
@@ -66,7 +68,7 @@ def run(test_files: dict, train_s3: str, model_dirs: dict[str, str], text_model:
         result.update({f"{name}_{k}": v for k, v in scores[name].items()})
     for name in ("copy_prev", "most_frequent"):
         result.update({f"{name}_{k}": v for k, v in scores[name].items() if k != "nll"})
-    repeats = np.concatenate([(e.units[1:] == e.units[:-1]).numpy() for e in test])
+    repeats = np.concatenate([u[1:] == u[:-1] for u in units])
     result.update({"targets": meta["targets"], "num_utterances": len(test), "unit_repeat_rate": float(repeats.mean()),
                    "fusion_weight_speech": float(models["taste"][0].fusion_logits.softmax(0)[1]),
                    "best_epoch": {n: info["best"]["epoch"] for n, (_, info) in models.items()}})
@@ -83,7 +85,8 @@ def run(test_files: dict, train_s3: str, model_dirs: dict[str, str], text_model:
     tokenizer, _ = text_mod.load(text_model)
     att_dir = plots / "attention"
     att_dir.mkdir(exist_ok=True)
-    for ex in test[:attention_utterances]:
+    shown = test.examples(range(min(attention_utterances, len(test))))
+    for ex in shown.values():
         w = attention(models["taste"][0], ex)
         tokens = [tokenizer.decode([int(i)]) for i in ex.token_ids]
         metrics.plot_attention(w, tokens, f"{ex.utt_id}: aggregator cross-attention (last layer)",

@@ -165,6 +165,7 @@ class Train(ModelArgs):
     processes: int = 1  # > 1: DistributedDataParallel under torchrun with this many local processes
     amp: bool | str = "auto"  # autocast: auto (bfloat16 only where native), bfloat16, float16, true (bf16), false
     checkpoint_steps: int = 0  # resume state every N steps (0: at epoch ends only)
+    buffer_rows: int = 2048  # utterances in memory at once (0: the whole split); batches sort within it
     seed: int = 1337
 
     def check(self):
@@ -180,8 +181,9 @@ class Train(ModelArgs):
         for name in ("epochs", "batch_size", "processes"):
             if getattr(self, name) < 1:
                 raise ParamError(f"train.{name}: must be at least 1, got {getattr(self, name)}")
-        if self.checkpoint_steps < 0:
-            raise ParamError(f"train.checkpoint_steps: must be 0 or more, got {self.checkpoint_steps}")
+        for name in ("checkpoint_steps", "buffer_rows"):
+            if getattr(self, name) < 0:
+                raise ParamError(f"train.{name}: must be 0 or more, got {getattr(self, name)}")
         for name in ("taste", "text_only"):
             if self.variants.get(name, {}).get("model") != name:
                 raise ParamError(f"train.variants: needs {name}: {{model: {name}}} (evaluate compares the two)")
@@ -220,6 +222,7 @@ class Train(ModelArgs):
 class Evaluate:
     batch_size: int = 32
     attention_utterances: int = 3
+    buffer_rows: int = 2048  # test utterances in memory at once (0: the whole split)
 
 
 SECTIONS = {"base": Base, "data": Data, "synthesize": Synthesize, "resample": Resample,

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from . import hardware
 from .checkpoint import Progress, Resume, save_checkpoint, save_history
-from .data import Example, batches, collate, to_device
+from .data import Example, Loader, as_subset, batches, collate, to_device
 from .model import ModelConfig, TasteModel
 from .params import Train
 from .ranks import Ranks
@@ -33,22 +33,29 @@ def autocast(device: str, amp: bool | str):
 
 
 @torch.no_grad()
-def predict(model: TasteModel, examples: list[Example], batch_size: int, device: str = "cpu",
-            speech_from: list[Example] | None = None, amp: bool | str = False) -> list[dict]:
-    """Teacher-forced predictions per utterance: argmax, per-position NLL, targets (units + END)."""
+def predict(model: TasteModel, data, batch_size: int, device: str = "cpu", speech_from: dict[int, int] | None = None,
+            amp: bool | str = False, buffer_rows: int = 0) -> list[dict]:
+    """Teacher-forced predictions per utterance of ``data`` (a Subset, a Split or a list of Examples), in
+    its order: argmax, per-position NLL, targets (units + END). ``speech_from``: index -> the index whose
+    Whisper states the item gets instead of its own (the shuffled-speech control)."""
     model.eval()
-    out: list[dict] = [None] * len(examples)
-    for group in batches(examples, batch_size):
-        batch = to_device(collate([examples[i] for i in group], [speech_from[i] for i in group] if speech_from else None), device)
-        with autocast(device, amp):
-            logits, _ = model(batch)
-        targets = model.targets(batch)
-        nll = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100, reduction="none")
-        for j, i in enumerate(group):
-            n = int(batch["unit_len"][j]) + 1
-            out[i] = {"pred": logits[j, :n].argmax(-1).cpu().numpy(), "nll": nll[j, :n].cpu().numpy(),
-                      "target": targets[j, :n].cpu().numpy()}
-    return out
+    data = as_subset(data)
+    out: dict[int, dict] = {}
+    for window in batches(data, batch_size, buffer_rows=buffer_rows):
+        need = [i for group in window for i in group]
+        ex = data.source.examples(need + ([speech_from[i] for i in need] if speech_from else []))
+        for group in window:
+            batch = collate([ex[i] for i in group], [ex[speech_from[i]] for i in group] if speech_from else None)
+            batch = to_device(batch, device)
+            with autocast(device, amp):
+                logits, _ = model(batch)
+            targets = model.targets(batch)
+            nll = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100, reduction="none")
+            for j, i in enumerate(group):
+                n = int(batch["unit_len"][j]) + 1
+                out[i] = {"pred": logits[j, :n].argmax(-1).cpu().numpy(), "nll": nll[j, :n].cpu().numpy(),
+                          "target": targets[j, :n].cpu().numpy()}
+    return [out[i] for i in data.indices]
 
 
 def summarize(preds: list[dict]) -> dict:
@@ -74,16 +81,14 @@ def configure_optimizer(model: TasteModel, cfg: Train) -> torch.optim.AdamW:
                              lr=cfg.lr, betas=(0.9, 0.98))
 
 
-def train_step(net, opt, scaler, examples: list[Example], cfg: Train, ranks: Ranks) -> tuple[float, int]:
-    """One optimizer step on one global batch; returns its mean loss and its number of target tokens.
+def train_step(net, opt, scaler, mine: list[Example], weight: float, cfg: Train, ranks: Ranks) -> tuple[float, int]:
+    """One optimizer step on one global batch, of which this rank holds ``mine`` (``Loader.share``);
+    returns the batch's mean loss and its number of target tokens.
 
-    Under DDP each rank takes its share of the batch. DDP averages gradients over ranks, so each rank's
-    mean loss is scaled by (its target tokens x world / the batch's target tokens): the averaged
-    gradient is then that of the whole batch's token mean, the step a single process would take.
+    DDP averages gradients over ranks, so each rank's mean loss is scaled by (its target tokens x world
+    / the batch's target tokens): the averaged gradient is then that of the whole batch's token mean,
+    the step a single process would take.
     """
-    mine, weight = examples[ranks.rank :: ranks.world], 1.0
-    if not mine:  # a last batch smaller than the world: this rank still takes part, with zero weight
-        mine, weight = examples[:1], 0.0
     batch = to_device(collate(mine), cfg.device)
     with autocast(cfg.device, cfg.amp):
         _, losses = net(batch)
@@ -120,7 +125,7 @@ def _log(live, event: list) -> None:
             live.log_metric(f"epoch/{k}", event[1][k])
 
 
-def fit(model: TasteModel, train_ex: list[Example], val_ex: list[Example], cfg: Train, out_dir: str | Path,
+def fit(model: TasteModel, train_ex, val_ex, cfg: Train, out_dir: str | Path,
         live=None, resume_dir: str | Path | None = None, fp: str = "", checkpoint_steps: int = 0,
         ranks: Ranks | None = None) -> dict:
     """Train with AdamW (the ``train`` params); keep the best-validation-NLL weights in ``out_dir``.
@@ -129,10 +134,12 @@ def fit(model: TasteModel, train_ex: list[Example], val_ex: list[Example], cfg: 
     when > 0) and a killed run started again with the same ``fp`` continues where it stopped. Under
     torchrun (``ranks.world`` > 1) the model is wrapped in DistributedDataParallel, every rank draws
     the same batch order and takes its share of each global batch (``train_step``); rank 0 alone
-    writes checkpoints and logs.
+    writes checkpoints and logs. ``train_ex`` and ``val_ex`` are Subsets of a Split (or lists of
+    Examples); a Loader keeps at most ``train.buffer_rows`` utterances of them in memory.
     """
     from tqdm import tqdm
 
+    train_ex, val_ex = as_subset(train_ex), as_subset(val_ex)
     ranks = ranks or Ranks()
     lead, out_dir = ranks.rank == 0, Path(out_dir)
     live = live if lead else None
@@ -166,23 +173,24 @@ def fit(model: TasteModel, train_ex: list[Example], val_ex: list[Example], cfg: 
         model.train()
         prog.epoch = epoch
         prog.set_rng(rng.getstate())  # this epoch's batch order is drawn from here
-        groups = batches(train_ex, cfg.batch_size, rng)
+        loader = Loader(train_ex, batches(train_ex, cfg.batch_size, rng, cfg.buffer_rows), ranks.rank, ranks.world)
         if prog.batch == 0:
             prog.losses, prog.counts = 0.0, 0
-        for b in range(prog.batch, len(groups)):
+        for b in range(prog.batch, len(loader)):
             for g in opt.param_groups:
                 g["lr"] = lr_at(prog.step, total, cfg)
-            loss, n = train_step(net, opt, scaler, [train_ex[i] for i in groups[b]], cfg, ranks)
+            mine, weight = loader.get(b), loader.share(loader.groups[b])[1]
+            loss, n = train_step(net, opt, scaler, mine, weight, cfg, ranks)
             prog.losses, prog.counts, prog.step = prog.losses + loss * n, prog.counts + n, prog.step + 1
             prog.events.append(["step", loss, opt.param_groups[0]["lr"]])
             _log(live, prog.events[-1])
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
-            if resume and checkpoint_steps and prog.step % checkpoint_steps == 0 and b + 1 < len(groups):
+            if resume and checkpoint_steps and prog.step % checkpoint_steps == 0 and b + 1 < len(loader):
                 prog.batch = b + 1
                 resume.save(model, opt, best_state, prog)
         prog.batch = 0
-        val = summarize(predict(model, val_ex, cfg.batch_size * 2, cfg.device, amp=cfg.amp))
+        val = summarize(predict(model, val_ex, cfg.batch_size * 2, cfg.device, amp=cfg.amp, buffer_rows=cfg.buffer_rows))
         record = {"epoch": epoch, "train_loss": prog.losses / prog.counts, "val_nll": val["nll"], "val_top1_acc": val["top1_acc"]}
         prog.history.append(record)
         prog.events.append(["epoch", record])
