@@ -90,9 +90,10 @@ def main() -> None:
     ap.add_argument("--utterances", type=int, default=96)
     ap.add_argument("--batch-size", type=int, default=p.batch_size)
     ap.add_argument("--device", default=p.device)
+    ap.add_argument("--amp", default=p.amp, help="train.amp for the project side (auto, bfloat16, float16, false)")
     args = ap.parse_args()
     device = hardware.resolve_device(args.device, "train.device")
-    amp = hardware.resolve_amp(p.amp, device)
+    amp = hardware.resolve_amp({"true": True, "false": False}.get(str(args.amp).lower(), args.amp), device)
     cfg = dataclasses.replace(p, agg_init="fresh", batch_size=args.batch_size, device=device, amp=amp)
     examples = synthetic(args.utterances, 384, 384, 128)
     sizes = {"text_emb": max(len(e.text_emb) for e in examples), "mid": max(len(e.mid) for e in examples),
@@ -103,7 +104,7 @@ def main() -> None:
     for name, amp, pad, groups in (
             ("baseline (max-padded, float32)", False, sizes,
              [list(range(i, min(i + args.batch_size, len(examples)))) for i in range(0, len(examples), args.batch_size)]),
-            (f"project  (length-sorted, train.amp {p.amp} -> {amp})", amp, None,
+            (f"project  (length-sorted, train.amp {args.amp} -> {amp})", amp, None,
              data.batches(examples, args.batch_size, random.Random(0))[0])):
         torch.manual_seed(0)
         model = train.build_model("taste", 128, 384, 384, cfg, None).to(device)

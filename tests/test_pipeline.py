@@ -36,7 +36,9 @@ def repo(tmp_path_factory):
                            test_voices=["en-us+m3"])
     p["s3"].update(standin_units=16)
     p["train"].update(epochs=2, batch_size=2, d_model=32, n_heads=2, n_layers=1, d_ff=64, agg_layers=1, warmup_steps=2,
-                      val_speakers=1, finetune={"taste_ft": {"model": "taste", "init": "text_only", "epochs": 1}})
+                      val_speakers=1, finetune={"taste_ft": {"model": "taste", "init": "text_only", "epochs": 1}},
+                      device="auto")  # resolved in train and in evaluate (cpu here, cuda where there is one)
+    p["s3"].update(device="auto")
     p["evaluate"].update(attention_utterances=1)
     (repo / "params.yaml").write_text(yaml.safe_dump(p))
     _run(["git", "init", "-q"], repo)

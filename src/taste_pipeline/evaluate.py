@@ -70,7 +70,7 @@ def run(test_files: dict, train_s3: str, model_dirs: dict[str, str], text_model:
         result.update({f"{name}_{k}": v for k, v in scores[name].items() if k != "nll"})
     repeats = np.concatenate([u[1:] == u[:-1] for u in units])
     result.update({"targets": meta["targets"], "num_utterances": len(test), "unit_repeat_rate": float(repeats.mean()),
-                   "fusion_weight_speech": float(models["taste"][0].fusion_logits.softmax(0)[1]),
+                   "fusion_weight_speech": float(models["taste"][0].fusion_logits.detach().softmax(0)[1]),
                    "best_epoch": {n: info["best"]["epoch"] for n, (_, info) in models.items()}})
     _write_json(Path(metrics_path), result)
 
