@@ -47,30 +47,36 @@ class Split:
         self.files = {"whisper": pq.ParquetFile(whisper_path), "text": pq.ParquetFile(text_path)}
         self.paths = {"whisper": str(whisper_path), "text": str(text_path)}
         self.validators = {"whisper": tables.validate_whisper, "text": tables.validate_text}
-        # Where each utterance sits: (row group, row within it) per big table, from its utt_id column.
-        self.where: dict[str, list[tuple[int, int]]] = {}
-        for name, f in self.files.items():
-            pos, ids = {}, f.read(columns=["utt_id"]).column("utt_id").to_pylist()
-            starts = np.cumsum([0] + [f.metadata.row_group(g).num_rows for g in range(f.num_row_groups)])
-            for row, u in enumerate(ids):
-                g = int(np.searchsorted(starts, row, side="right") - 1)
-                pos[u] = (g, row - int(starts[g]))
-            missing = [u for u in self.utt_ids if u not in pos]
-            if missing:
-                raise ValueError(f"{name} table lacks utterance {missing[0]} (and {len(missing) - 1} more) of {manifest_path}")
-            self.where[name] = [pos[u] for u in self.utt_ids]
-        s_pos = {u: i for i, u in enumerate(s.column("utt_id").to_pylist())}
-        missing = [u for u in self.utt_ids if u not in s_pos]
-        if missing:
-            raise ValueError(f"s3 table lacks utterance {missing[0]} (and {len(missing) - 1} more) of {manifest_path}")
-        tokens = s.column("tokens").combine_chunks()
-        offsets, values = tokens.offsets.to_numpy(), tokens.values.to_numpy()
-        self._units = [values[offsets[s_pos[u]] : offsets[s_pos[u] + 1]] for u in self.utt_ids]
+        s_pos = self._positions("s3", s.column("utt_id").to_pylist(), manifest_path)
         t = self.files["text"].read(columns=["utt_id", "token_ids"])
-        t_pos = {u: i for i, u in enumerate(t.column("utt_id").to_pylist())}
-        ids = t.column("token_ids").combine_chunks()
-        offsets, values = ids.offsets.to_numpy(), ids.values.to_numpy()
-        self._token_ids = [values[offsets[t_pos[u]] : offsets[t_pos[u] + 1]] for u in self.utt_ids]
+        t_pos = self._positions("text", t.column("utt_id").to_pylist(), manifest_path)
+        w_pos = self._positions("whisper", self.files["whisper"].read(columns=["utt_id"]).column("utt_id").to_pylist(),
+                                manifest_path)
+        # Where each utterance sits in the big tables: (row group, row within it).
+        self.where = {name: self._row_groups(self.files[name], pos) for name, pos in (("whisper", w_pos), ("text", t_pos))}
+        self._units = self._slices(s.column("tokens"), s_pos)
+        self._token_ids = self._slices(t.column("token_ids"), t_pos)
+
+    def _positions(self, name: str, table_ids: list[str], manifest_path) -> list[int]:
+        """Row of each manifest utterance in a table; an utterance it lacks is an error."""
+        pos = {u: i for i, u in enumerate(table_ids)}
+        missing = [u for u in self.utt_ids if u not in pos]
+        if missing:
+            raise ValueError(f"{name} table lacks utterance {missing[0]} (and {len(missing) - 1} more) of {manifest_path}")
+        return [pos[u] for u in self.utt_ids]
+
+    @staticmethod
+    def _row_groups(f: pq.ParquetFile, rows: list[int]) -> list[tuple[int, int]]:
+        starts = np.cumsum([0] + [f.metadata.row_group(g).num_rows for g in range(f.num_row_groups)])
+        groups = np.searchsorted(starts, rows, side="right") - 1
+        return [(int(g), int(r - starts[g])) for g, r in zip(groups, rows)]
+
+    @staticmethod
+    def _slices(column, rows: list[int]) -> list[np.ndarray]:
+        """Per row, its list column's values as a view of one flat array (no Python ints per value)."""
+        arr = column.combine_chunks()
+        offsets, values = arr.offsets.to_numpy(), arr.values.to_numpy()
+        return [values[offsets[r] : offsets[r + 1]] for r in rows]
 
     def __len__(self) -> int:
         return len(self.utt_ids)
