@@ -262,20 +262,15 @@ def load_tokenizer(model_dir: str | Path, device: str = "cpu", batch_size: int =
 def tokenize_split(manifest_path: str | Path, model_dir: str | Path, out_path: str | Path,
                    device: str = "cpu", batch_size: int = 8, rows_per_group: int = 64,
                    dtype: str = "float32", partial_dir: str | Path | None = None) -> int:
-    """Stage s3: one row of targets per utterance, streamed in row groups.
+    """Stage s3: one row of targets per utterance (``extract.run``).
 
     With ``partial_dir``, finished row groups survive a kill there and a rerun computes only the rest.
     """
-    import hashlib
-
-    from tqdm import tqdm
-
-    from . import audio, tables
+    from . import extract, tables
     from .ranks import Ranks
 
     ranks = Ranks.from_env()
-    manifest_path, model_dir = Path(manifest_path), Path(model_dir)
-    rows = tables.read_manifest(manifest_path).to_pylist()
+    model_dir = Path(model_dir)
     dtype = resolve_dtype(dtype)
     tok = load_tokenizer(model_dir, ranks.device(hardware.resolve_device(device, "s3.device")), batch_size, dtype)
     meta = {"targets": tok.name, "vocab_size": str(tok.vocab_size), "frame_rate_hz": "50"}
@@ -283,19 +278,15 @@ def tokenize_split(manifest_path: str | Path, model_dir: str | Path, out_path: s
         meta["s3.dtype"] = dtype
         if ranks.rank == 0:
             print(f"s3.dtype: {dtype} (encoder; codebook search float32)")
-    fp = hashlib.sha256(json.dumps([batch_size, rows_per_group, dtype]).encode() + manifest_path.read_bytes()
-                        + b"".join(f.read_bytes() for f in sorted(model_dir.iterdir()) if f.is_file())).hexdigest()
-    desc = f"s3 {manifest_path.parent.name}" + (f" rank {ranks.rank}/{ranks.world}" if ranks.world > 1 else "")
-    with tables.TableWriter(out_path, tables.S3, meta, partial_dir, fp, ranks) as writer:
-        for group, b in enumerate(tqdm(range(0, len(rows), rows_per_group), desc=desc, unit="group")):
-            if not writer.todo(group):
-                continue
-            chunk = rows[b : b + rows_per_group]
-            codes = tok.tokenize([audio.load_utterance(manifest_path.parent, r) for r in chunk])
-            for r, c in zip(chunk, codes):
-                # S3 counts frames from the mel length (n // 160), so it may be one short of ceil(n/320).
-                if abs(len(c) - frames_for(r["num_samples"])) > 1:
-                    raise ValueError(f"utterance {r['utt_id']}: {len(c)} tokens for {r['num_samples']} samples")
-            writer.write({"utt_id": [r["utt_id"] for r in chunk], "num_tokens": [len(c) for c in codes],
-                          "tokens": [c.tolist() for c in codes]}, group)
-    return writer.num_rows
+
+    def encode(rows: list[dict], audios: list[np.ndarray]) -> dict[str, list]:
+        codes = tok.tokenize(audios)
+        for r, c in zip(rows, codes):
+            # S3 counts frames from the mel length (n // 160), so it may be one short of ceil(n/320).
+            if abs(len(c) - frames_for(r["num_samples"])) > 1:
+                raise ValueError(f"utterance {r['utt_id']}: {len(c)} tokens for {r['num_samples']} samples")
+        return {"num_tokens": [len(c) for c in codes], "tokens": [c.tolist() for c in codes]}
+
+    files = [f for f in sorted(model_dir.iterdir()) if f.is_file()]
+    return extract.run("s3", manifest_path, out_path, tables.S3, meta, [batch_size, rows_per_group, dtype], encode,
+                       rows_per_group, partial_dir, ranks, files)

@@ -17,7 +17,6 @@ import struct
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -316,11 +315,6 @@ class WhisperStates:
         return out
 
 
-def iter_batches(n: int, size: int) -> Iterator[slice]:
-    for start in range(0, n, size):
-        yield slice(start, min(n, start + size))
-
-
 def model_info(name: str, model: WhisperForConditionalGeneration, mid_layer: int,
                windows_s: list[int] = (FULL_WINDOW_S,), dtype: str = "float32") -> dict[str, str]:
     """Table metadata: which model, layers, window and precision produced the states."""
@@ -338,21 +332,16 @@ def model_info(name: str, model: WhisperForConditionalGeneration, mid_layer: int
 
 def extract_split(manifest_path: str | Path, out_path: str | Path, p: "params.Whisper",
                   partial_dir: str | Path | None = None) -> int:
-    """Write the whisper table of one split, streaming row groups; returns the number of rows.
+    """Write the whisper table of one split (``extract.run``); returns the number of rows.
 
     With ``partial_dir``, finished row groups survive a kill there and a rerun computes only the rest.
     """
     import dataclasses
-    import hashlib
 
-    from tqdm import tqdm
-
-    from . import audio, tables
+    from . import extract, tables
     from .ranks import Ranks
 
     ranks = Ranks.from_env()
-    manifest_path = Path(manifest_path)
-    manifest = tables.read_manifest(manifest_path).to_pylist()
     device = ranks.device(hardware.resolve_device(p.device, "whisper.device"))
     # auto becomes a concrete dtype here, and the rest (fingerprint, metadata) sees only that.
     dtype = hardware.resolve(p.dtype, device, "whisper.dtype")
@@ -362,31 +351,14 @@ def extract_split(manifest_path: str | Path, out_path: str | Path, p: "params.Wh
     model = load_model(p.model)
     states = WhisperStates(model, load_feature_extractor(p.model, model.config.num_mel_bins), p.mid_layer,
                            p.batch_size, device, p.windows_s, p.dtype)
-    schema = tables.whisper_schema(states.width, states.width)
-    meta = model_info(p.model, model, states.mid_layer, p.windows_s, p.dtype)
-    # What the rows depend on; the device is left out (a run resumed on another device is as good).
-    fp = hashlib.sha256(json.dumps({k: v for k, v in dataclasses.asdict(p).items() if k != "device"}, sort_keys=True)
-                        .encode() + manifest_path.read_bytes()).hexdigest()
-    # Count samples (integers) so the bar never overshoots by float rounding; show them as seconds.
-    groups = list(iter_batches(len(manifest), p.rows_per_group))
-    mine = [sl for k, sl in enumerate(groups) if ranks.owns(k)]
-    desc = f"whisper {manifest_path.parent.name}" + (f" rank {ranks.rank}/{ranks.world}" if ranks.world > 1 else "")
-    with tables.TableWriter(out_path, schema, meta, partial_dir, fp, ranks) as writer, \
-            tqdm(total=sum(r["num_samples"] for sl in mine for r in manifest[sl]), unit="audio-s",
-                 unit_scale=1 / SAMPLE_RATE, desc=desc) as bar:
-        for group, sl in enumerate(groups):
-            rows = manifest[sl]
-            if not ranks.owns(group):
-                continue
-            if writer.todo(group):
-                encoded = states([audio.load_utterance(manifest_path.parent, r) for r in rows])
-                writer.write({
-                    "utt_id": [r["utt_id"] for r in rows],
-                    "num_frames": [frames_for(r["num_samples"]) for r in rows],
-                    "mid": tables.matrix_column([m for m, _ in encoded], states.width),
-                    "last": tables.matrix_column([l for _, l in encoded], states.width),
-                }, group)
-            bar.update(sum(r["num_samples"] for r in rows))
-        if writer.resumed_groups:
-            bar.write(f"resumed: {writer.resumed_groups} row groups were finished by an earlier run")
-    return writer.num_rows
+
+    def encode(rows: list[dict], audios: list[np.ndarray]) -> dict[str, list]:
+        encoded = states(audios)
+        return {"num_frames": [frames_for(r["num_samples"]) for r in rows],
+                "mid": tables.matrix_column([m for m, _ in encoded], states.width),
+                "last": tables.matrix_column([l for _, l in encoded], states.width)}
+
+    return extract.run("whisper", manifest_path, out_path, tables.whisper_schema(states.width, states.width),
+                       model_info(p.model, model, states.mid_layer, p.windows_s, p.dtype),
+                       {k: v for k, v in dataclasses.asdict(p).items() if k != "device"}, encode,
+                       p.rows_per_group, partial_dir, ranks)
