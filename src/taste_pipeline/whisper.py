@@ -286,8 +286,9 @@ class WhisperStates:
 
     @torch.inference_mode()
     def _encode_windows(self, chunks: list[np.ndarray], size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # On a GPU the log-mel runs there too (transformers' torch path); on a CPU it is the same call.
         feats = self.extractor(chunks, sampling_rate=SAMPLE_RATE, return_tensors="pt", padding="max_length",
-                               max_length=size)
+                               max_length=size, device=self.device if self.device.startswith("cuda") else "cpu")
         with window_of(self.encoder, self.positions[size]) as encoder:
             out = encoder(feats.input_features.to(self.device, self.dtype), output_hidden_states=True)
         states = out.hidden_states
