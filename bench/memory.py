@@ -27,11 +27,15 @@ from common import speech_mix
 from taste_pipeline import params, tables
 
 REPO = Path(__file__).resolve().parents[1]
+# VmHWM, not getrusage's ru_maxrss: Linux carries the high-water mark of the memory a process had before
+# exec into ru_maxrss, and a child that Python starts with vfork had the parent's, which here has just
+# built the 4N tables (the 4N run then "peaked" at the parent's size: 1.31 where the stage was 1.05).
 PROBE = """
-import resource, runpy, sys
+import runpy, sys
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
-print("peak_rss_kb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+with open("/proc/self/status") as f:
+    print("peak_rss_kb", next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")))
 """
 
 

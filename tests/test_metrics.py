@@ -41,3 +41,8 @@ def test_per_position_bins():
     rows = metrics.per_position(preds, bin_size=25)
     assert [r["seconds"] for r in rows] == [0.0, 0.5]  # the 5-unit tail bin has 10 < 20 samples
     assert rows[0]["top1_acc"] == 1.0 and rows[1]["top1_acc"] == pytest.approx(5 / 25)
+
+
+def test_wide_rows_give_one_column_per_system():
+    curves = {"a": [{"s": 0.0, "v": 0.1}, {"s": 0.5, "v": 0.2}], "b": [{"s": 0.5, "v": 0.3}]}
+    assert metrics.wide(curves, "s", "v") == [{"s": 0.0, "a": 0.1, "b": None}, {"s": 0.5, "a": 0.2, "b": 0.3}]

@@ -74,6 +74,13 @@ def test_metrics_and_plots(repo):
     for png in ("per_position.png", "loss_curves.png"):
         assert (repo / "plots/eval" / png).stat().st_size > 1000
     assert len(list((repo / "plots/eval/attention").glob("*.png"))) == 1
+    # One column per system, as dvc.yaml's plot of it names them (DVC draws one series per column).
+    rows = json.loads((repo / "plots/eval/per_position.json").read_text())
+    import yaml
+
+    declared = next(p for p in yaml.safe_load((repo / "dvc.yaml").read_text())["plots"]
+                    if isinstance(p, dict) and "Accuracy by position (test)" in p)
+    assert set(declared["Accuracy by position (test)"]["y"]["plots/eval/per_position.json"]) <= set(rows[0])
     assert "eval.json" in _run(["dvc", "metrics", "show"], repo)
     _run(["dvc", "plots", "show", "-o", str(repo / "plots_html")], repo)
     assert (repo / "plots_html" / "index.html").exists()

@@ -62,9 +62,10 @@ def fingerprint(cfg, variant: str, inputs: list[str | Path] = ()) -> str:
     input tables (size and Parquet footer, which hold row counts, offsets and column statistics).
 
     The device is left out: under torchrun each rank has its own (cuda:0, cuda:1, ...), and all ranks
-    must agree on whether a state resumes.
+    must agree on whether a state resumes. So is ``num_workers``: it changes how batches are read, not
+    which.
     """
-    train = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "device"}
+    train = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("device", "num_workers")}
     h = hashlib.sha256(json.dumps({"train": train, "variant": variant}, sort_keys=True).encode())
     for path in inputs:
         path = Path(path)

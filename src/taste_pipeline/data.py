@@ -44,8 +44,8 @@ class Split:
         self.utt_ids = manifest.column("utt_id").to_pylist()
         self.speaker_ids = manifest.column("speaker_id").to_pylist()
         self.texts = manifest.column("text").to_pylist()
-        self.files = {"whisper": pq.ParquetFile(whisper_path), "text": pq.ParquetFile(text_path)}
         self.paths = {"whisper": str(whisper_path), "text": str(text_path)}
+        self.reopen()
         self.validators = {"whisper": tables.validate_whisper, "text": tables.validate_text}
         s_pos = self._positions("s3", s.column("utt_id").to_pylist(), manifest_path)
         t = self.files["text"].read(columns=["utt_id", "token_ids"])
@@ -56,6 +56,17 @@ class Split:
         self.where = {name: self._row_groups(self.files[name], pos) for name, pos in (("whisper", w_pos), ("text", t_pos))}
         self._units = self._slices(s.column("tokens"), s_pos)
         self._token_ids = self._slices(t.column("token_ids"), t_pos)
+
+    def reopen(self) -> None:
+        """Open the big tables' files (again): a DataLoader worker reads through handles of its own."""
+        self.files = {name: pq.ParquetFile(path) for name, path in self.paths.items()}
+
+    def __getstate__(self) -> dict:  # file handles do not pickle (spawned workers): reopen on arrival
+        return {k: v for k, v in self.__dict__.items() if k != "files"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.reopen()
 
     def _positions(self, name: str, table_ids: list[str], manifest_path) -> list[int]:
         """Row of each manifest utterance in a table; an utterance it lacks is an error."""
@@ -248,19 +259,46 @@ def batches(data, batch_size: int, rng: random.Random | None = None, buffer_rows
     return windows
 
 
+class _Windows(torch.utils.data.Dataset):
+    """Item w: the Examples of window w (what one rank needs of it), for a DataLoader's workers."""
+
+    def __init__(self, source, needs: list[list[int]]):
+        self.source, self.needs = source, needs
+
+    def __len__(self) -> int:
+        return len(self.needs)
+
+    def __getitem__(self, w: int) -> dict[int, Example]:
+        return self.source.examples(self.needs[w])
+
+
+def _reopen(_worker_id: int) -> None:
+    source = torch.utils.data.get_worker_info().dataset.source
+    if hasattr(source, "reopen"):  # a forked worker must not share the parent's file handles
+        source.reopen()
+
+
+def _as_is(window: dict[int, Example]) -> dict[int, Example]:
+    return window
+
+
 class Loader:
     """This rank's examples for each batch of a window plan (``batches``), one window in memory at a time.
 
     Under DDP each rank holds only its share of every batch (``share``), so memory per rank is its part
-    of one window.
+    of one window. With ``workers`` > 0 a DataLoader's worker processes read the next windows (Parquet
+    row groups, validation, conversion) while the current one trains; windows still arrive in plan
+    order, so the batches are the same as without workers, and memory holds up to ``1 + workers``
+    windows.
     """
 
-    def __init__(self, data, plan: list[list[list[int]]], rank: int = 0, world: int = 1):
+    def __init__(self, data, plan: list[list[list[int]]], rank: int = 0, world: int = 1, workers: int = 0):
         self.source = as_subset(data).source
         self.groups = [g for window in plan for g in window]
         self.window_of = [w for w, window in enumerate(plan) for _ in window]
-        self.plan, self.rank, self.world = plan, rank, world
+        self.plan, self.rank, self.world, self.workers = plan, rank, world, workers
         self._window, self._cache = None, {}
+        self._stream, self._next = None, None
 
     def __len__(self) -> int:
         return len(self.groups)
@@ -271,12 +309,28 @@ class Loader:
         mine = group[self.rank :: self.world]
         return (mine, 1.0) if mine else (group[:1], 0.0)
 
-    def get(self, b: int, extra: list[int] = ()) -> list[Example]:
-        """This rank's share of batch ``b`` (``extra``: further indices to load with its window)."""
+    def _need(self, w: int) -> list[int]:
+        return [i for g in self.plan[w] for i in self.share(g)[0]]
+
+    def _read(self, w: int) -> dict[int, Example]:
+        if not self.workers:
+            return self.source.examples(self._need(w))
+        if self._next != w:  # first use, or a jump (a resumed epoch starts mid-plan): stream from w on
+            self._stream = iter(torch.utils.data.DataLoader(
+                _Windows(self.source, [self._need(v) for v in range(len(self.plan))]), batch_size=None,
+                sampler=range(w, len(self.plan)), num_workers=self.workers, prefetch_factor=1,
+                collate_fn=_as_is, worker_init_fn=_reopen,
+                # Its own generator: seeding the workers must not draw from torch's global one, which
+                # the dropout masks use (workers would otherwise change the training).
+                generator=torch.Generator().manual_seed(0)))
+        self._next = w + 1
+        return next(self._stream)
+
+    def get(self, b: int) -> list[Example]:
+        """This rank's share of batch ``b``."""
         w = self.window_of[b]
         if w != self._window:
             self._cache = {}  # drop the old window before reading the next one
-            need = [i for g in self.plan[w] for i in self.share(g)[0]] + list(extra)
-            self._cache, self._window = self.source.examples(need), w
+            self._cache, self._window = self._read(w), w
         mine, _ = self.share(self.groups[b])
         return [self._cache[i] for i in mine]

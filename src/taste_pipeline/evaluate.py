@@ -75,7 +75,7 @@ def run(test_files: dict, train_s3: str, model_dirs: dict[str, str], text_model:
     _write_json(Path(metrics_path), result)
 
     curves = {name: metrics.per_position(preds[name]) for name in [*models, "shuffled_speech", "copy_prev"]}
-    _write_json(plots / "per_position.json", [dict(r, system=name) for name, rows in curves.items() for r in rows])
+    _write_json(plots / "per_position.json", metrics.wide(curves, "seconds", "top1_acc"))
     metrics.plot_per_position(curves, plots / "per_position.png")
 
     histories = {n: info.get("history", []) for n, (_, info) in models.items()}

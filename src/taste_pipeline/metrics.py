@@ -60,6 +60,16 @@ def per_position(preds: list[dict], bin_size: int = POSITION_BIN) -> list[dict]:
             for b, h in sorted(hits.items()) if len(h) >= 20]
 
 
+def wide(curves: dict[str, list[dict]], x: str, y: str) -> list[dict]:
+    """One row per ``x`` with each system's ``y`` as a column (null where it has no value): DVC draws
+    one series per column it is given, but cannot split one column by a label."""
+    rows: dict[float, dict] = {}
+    for name, curve in curves.items():
+        for r in curve:
+            rows.setdefault(r[x], {x: r[x], **{n: None for n in curves}})[name] = r[y]
+    return [rows[k] for k in sorted(rows)]
+
+
 def derangement(n: int, seed: int) -> list[int]:
     """A permutation without fixed points: every utterance gets another one's speech."""
     if n < 2:

@@ -166,6 +166,7 @@ class Train(ModelArgs):
     amp: bool | str = "auto"  # autocast: auto (bfloat16 only where native), bfloat16, float16, true (bf16), false
     checkpoint_steps: int = 0  # resume state every N steps (0: at epoch ends only)
     buffer_rows: int = 2048  # utterances in memory at once (0: the whole split); batches sort within it
+    num_workers: int = 0  # DataLoader workers reading the next windows while one trains (memory: 1 + N windows)
     seed: int = 1337
 
     def check(self):
@@ -181,7 +182,7 @@ class Train(ModelArgs):
         for name in ("epochs", "batch_size", "processes"):
             if getattr(self, name) < 1:
                 raise ParamError(f"train.{name}: must be at least 1, got {getattr(self, name)}")
-        for name in ("checkpoint_steps", "buffer_rows"):
+        for name in ("checkpoint_steps", "buffer_rows", "num_workers"):
             if getattr(self, name) < 0:
                 raise ParamError(f"train.{name}: must be 0 or more, got {getattr(self, name)}")
         for name in ("taste", "text_only"):

@@ -173,7 +173,8 @@ def fit(model: TasteModel, train_ex, val_ex, cfg: Train, out_dir: str | Path,
         model.train()
         prog.epoch = epoch
         prog.set_rng(rng.getstate())  # this epoch's batch order is drawn from here
-        loader = Loader(train_ex, batches(train_ex, cfg.batch_size, rng, cfg.buffer_rows), ranks.rank, ranks.world)
+        loader = Loader(train_ex, batches(train_ex, cfg.batch_size, rng, cfg.buffer_rows), ranks.rank, ranks.world,
+                        cfg.num_workers)
         if prog.batch == 0:
             prog.losses, prog.counts = 0.0, 0
         for b in range(prog.batch, len(loader)):
