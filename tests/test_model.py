@@ -4,6 +4,8 @@ import torch
 from taste_pipeline import params, whisper
 from taste_pipeline.model import ModelConfig, TasteModel
 
+TINY_PREFIX = [50257, 50362]  # tiny.en: <|startoftranscript|> <|notimestamps|> (test_whisper_families checks the lookup)
+
 
 def _batch(B=3, L=7, F=40, T=30, seed=0, dq=384):
     g = torch.Generator().manual_seed(seed)
@@ -94,7 +96,7 @@ def test_whisper_init_copies_the_decoder_and_sets_value_identity(tiny_whisper):
     cfg = ModelConfig(vocab_size=16, d_model=32, n_heads=2, n_layers=1, d_ff=64, agg_layers=2, agg_heads=6,
                       agg_ffn=1536, dropout=0.0)
     model = TasteModel(cfg)
-    model.aggregator.init_from_whisper(tiny_whisper)
+    model.aggregator.init_from_whisper(tiny_whisper, TINY_PREFIX)
     ours, theirs = model.aggregator.layers[1], tiny_whisper.model.decoder.layers[1]
     assert torch.equal(ours.encoder_attn.k_proj.weight, theirs.encoder_attn.k_proj.weight)
     assert torch.equal(ours.encoder_attn.q_proj.weight, theirs.encoder_attn.q_proj.weight)
@@ -103,7 +105,7 @@ def test_whisper_init_copies_the_decoder_and_sets_value_identity(tiny_whisper):
     assert torch.equal(model.aggregator.prefix[0], tiny_whisper.model.decoder.embed_tokens.weight[50257])
     too_deep = TasteModel(ModelConfig(vocab_size=16, d_model=32, n_heads=2, n_layers=1, d_ff=64, agg_layers=5))
     with pytest.raises(ValueError, match="agg_layers"):
-        too_deep.aggregator.init_from_whisper(tiny_whisper)
+        too_deep.aggregator.init_from_whisper(tiny_whisper, TINY_PREFIX)
 
 
 def test_pretrained_aggregator_matches_whisper_when_keys_equal_values(tiny_whisper):
@@ -111,7 +113,7 @@ def test_pretrained_aggregator_matches_whisper_when_keys_equal_values(tiny_whisp
     cfg = ModelConfig(vocab_size=16, agg_layers=4, agg_heads=6, agg_ffn=1536, dropout=0.0, agg_output="residual",
                       agg_value_layers=4, agg_freeze_alignment=False)
     model = TasteModel(cfg).eval()
-    model.aggregator.init_from_whisper(tiny_whisper)
+    model.aggregator.init_from_whisper(tiny_whisper, TINY_PREFIX)
     dec = tiny_whisper.model.decoder
     with torch.no_grad():
         for ours, theirs in zip(model.aggregator.layers, dec.layers):
@@ -128,7 +130,7 @@ def test_context_layers_read_last_layer_values_and_are_frozen(tiny_whisper):
     cfg = ModelConfig(vocab_size=16, d_model=32, n_heads=2, n_layers=1, d_ff=64, agg_layers=3, agg_value_layers=1,
                       agg_heads=6, agg_ffn=1536, dropout=0.0)
     model = TasteModel(cfg).eval()
-    model.aggregator.init_from_whisper(tiny_whisper)
+    model.aggregator.init_from_whisper(tiny_whisper, TINY_PREFIX)
     layers = model.aggregator.layers
     assert not any(p.requires_grad for p in layers[0].parameters()) and not model.aggregator.positions.requires_grad
     trainable = {n for n, p in layers[2].named_parameters() if p.requires_grad}
@@ -160,7 +162,7 @@ def test_pretrained_aggregator_aligns_text_to_speech(tiny_whisper, tiny_tables):
 
     w, t = tables.read_whisper(tiny_tables["whisper_path"]), tables.read_text(tiny_tables["text_path"])
     model = TasteModel(ModelConfig(vocab_size=16, agg_layers=4, agg_value_layers=1, dropout=0.0)).eval()
-    model.aggregator.init_from_whisper(tiny_whisper)
+    model.aggregator.init_from_whisper(tiny_whisper, TINY_PREFIX)
     attn = model.aggregator.layers[-1].encoder_attn
     attn.keep_weights = True
     corr = []

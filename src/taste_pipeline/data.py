@@ -93,6 +93,12 @@ class Split:
         return len(self.utt_ids)
 
     @property
+    def text_model(self) -> str | None:
+        """The ``text.model`` the text table was made with (its metadata)."""
+        meta = self.files["text"].schema_arrow.metadata or {}
+        return meta[b"text.model"].decode() if b"text.model" in meta else None
+
+    @property
     def widths(self) -> tuple[int, int]:
         """(text embedding width, Whisper width)."""
         width = lambda name, col: self.files[name].schema_arrow.field(col).type.value_type.list_size  # noqa: E731

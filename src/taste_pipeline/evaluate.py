@@ -29,7 +29,7 @@ def attention(model, ex: data.Example) -> np.ndarray:
         b = data.to_device(data.collate([ex]), device)
         mask = torch.ones(1, len(ex.mid), dtype=torch.bool, device=device)
         model.speech_vectors(b["text_emb"], b["mid"], b["last"], mask)
-        w = attn.last_weights[0].mean(0)[model.aggregator.PREFIX :]
+        w = attn.last_weights[0].mean(0)[model.aggregator.num_prefix :]
     finally:
         attn.keep_weights, attn.last_weights = False, None
     return w.float().cpu().numpy()

@@ -98,6 +98,7 @@ class ModelConfig(ModelArgs):
     agg_heads: int = 6
     agg_ffn: int = 1536
     max_text: int = 448  # aggregator positions, Whisper's prefix included
+    agg_prefix: int = 2  # tokens before the text: 2 for English-only Whisper (and fresh), 4 for multilingual
 
     @classmethod
     def build(cls, args: ModelArgs, **rest) -> "ModelConfig":
@@ -191,13 +192,13 @@ class AggregatorLayer(nn.Module):
 class Aggregator(nn.Module):
     """Text-token queries attend over Whisper frames: (B, L, d_query) -> (B, L, d_audio)."""
 
-    PREFIX = 2  # Whisper's <|startoftranscript|> <|notimestamps|>: the context it was trained to read text in
-
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         d = cfg.d_audio
         self.in_proj = nn.Identity() if cfg.d_query == d else nn.Linear(cfg.d_query, d)
-        self.prefix = nn.Parameter(torch.randn(self.PREFIX, d) * 0.02)
+        # Whisper's task prefix (``whisper.prefix_tokens``): the context its decoder was trained to read text in.
+        self.num_prefix = cfg.agg_prefix
+        self.prefix = nn.Parameter(torch.randn(self.num_prefix, d) * 0.02)
         self.positions = nn.Parameter(torch.randn(cfg.max_text, d) * 0.02)  # prefix included
         self.layers = nn.ModuleList(AggregatorLayer(d, cfg.agg_heads, cfg.agg_ffn, d, cfg.dropout)
                                     for _ in range(cfg.agg_layers))
@@ -209,9 +210,9 @@ class Aggregator(nn.Module):
     def forward(self, text_emb, mid, last, frame_mask):
         B, L, _ = text_emb.shape
         x = torch.cat([self.prefix.expand(B, -1, -1), self.in_proj(text_emb)], dim=1)
-        if L + self.PREFIX > len(self.positions):
-            raise ValueError(f"{L} text tokens exceed the aggregator's {len(self.positions) - self.PREFIX} positions")
-        x = x + self.positions[: L + self.PREFIX]
+        if L + self.num_prefix > len(self.positions):
+            raise ValueError(f"{L} text tokens exceed the aggregator's {len(self.positions) - self.num_prefix} positions")
+        x = x + self.positions[: L + self.num_prefix]
         first_mid = len(self.layers) - self.value_layers
         reads = []
         for i, layer in enumerate(self.layers):
@@ -219,11 +220,12 @@ class Aggregator(nn.Module):
             if i >= first_mid:
                 reads.append(read)
         out = torch.stack(reads).sum(0) if self.output == "attention" else self.layer_norm(x)
-        return out[:, self.PREFIX :]
+        return out[:, self.num_prefix :]
 
     @torch.no_grad()
-    def init_from_whisper(self, whisper_model) -> None:
-        """Copy the first layers of a transformers Whisper decoder; the mid-value layers' value
+    def init_from_whisper(self, whisper_model, prefix: list[int]) -> None:
+        """Copy the first layers of a transformers Whisper decoder and the embeddings of its task
+        prefix (``prefix``: token ids, ``whisper.prefix_tokens``); the mid-value layers' value
         projections start as identity."""
         dec = whisper_model.model.decoder
         cfg = whisper_model.config
@@ -231,9 +233,9 @@ class Aggregator(nn.Module):
             raise ValueError(f"train.agg_layers: {len(self.layers)} > the Whisper decoder's {len(dec.layers)} layers")
         if self.prefix.shape[1] != cfg.d_model:
             raise ValueError(f"train.agg_init=whisper needs Whisper width {cfg.d_model}, got {self.prefix.shape[1]}")
-        start = cfg.decoder_start_token_id
-        notimestamps = 50362 if cfg.vocab_size == 51864 else 50363
-        self.prefix.copy_(dec.embed_tokens.weight[[start, notimestamps]])
+        if len(prefix) != self.num_prefix:
+            raise ValueError(f"{len(prefix)} prefix tokens for an aggregator built for {self.num_prefix}")
+        self.prefix.copy_(dec.embed_tokens.weight[list(prefix)])
         self.positions.copy_(dec.embed_positions.weight[: self.positions.shape[0]])
         for ours, theirs in zip(self.layers, dec.layers):
             missing, unexpected = ours.load_state_dict(

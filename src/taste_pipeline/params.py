@@ -167,6 +167,7 @@ class Train(ModelArgs):
     checkpoint_steps: int = 0  # resume state every N steps (0: at epoch ends only)
     buffer_rows: int = 2048  # utterances in memory at once (0: the whole split); batches sort within it
     num_workers: int = 0  # DataLoader workers reading the next windows while one trains (memory: 1 + N windows)
+    agg_language: str = "en"  # language token of multilingual Whisper's prefix (agg_init whisper)
     seed: int = 1337
 
     def check(self):

@@ -14,6 +14,8 @@ Whisper's transcripts begin with one after the task prefix; token ids then decod
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import torch
@@ -25,21 +27,73 @@ CASES = ("lower", "keep")
 
 def load(name: str):
     """(tokenizer, embedding table as float32 numpy) for the ``text.model`` param."""
+    try:
+        tokenizer = whisper.load_tokenizer(name)
+    except ValueError as e:
+        raise ValueError(f"text.model: {e}") from e
     if name == whisper.EMBEDDED:
-        from transformers import WhisperTokenizerFast
+        return tokenizer, whisper.load_model(name).get_input_embeddings().weight.detach().float().numpy()
+    return tokenizer, embedding_table(name)
 
-        tokenizer = WhisperTokenizerFast(tokenizer_file=str(whisper.embedded_model_dir() / "tokenizer.json"))
-        model = whisper.load_model(name)
+
+def _weight_file(name: str, filename: str) -> Path | None:
+    """``filename`` of a local model folder or a Hub repo (downloaded alone), or None if it has none."""
+    if Path(name).is_dir():
+        path = Path(name) / filename
+        return path if path.is_file() else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(name, filename))
+    except EntryNotFoundError:
+        return None
+
+
+def embedding_table(name: str) -> np.ndarray:
+    """The input-embedding table of a transformers model, read alone from its safetensors file(s).
+
+    Loading the whole model for one tensor costs its full size in float32 (~6 GB for whisper-large-v3,
+    ~32 GB for an 8B LLM); this reads that tensor (and, from the Hub, downloads only the shard that
+    holds it). Which tensor it is comes from the architecture, built on the meta device (no memory).
+    Checkpoints without safetensors fall back to loading the model.
+    """
+    import json
+
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModel
+
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except OSError as e:
+        raise ValueError(f"text.model: cannot load {name!r} ({e}); use {whisper.EMBEDDED!r} offline") from e
+    with torch.device("meta"):
+        skeleton = AutoModel.from_config(config)
+    emb = skeleton.get_input_embeddings().weight
+    key = next(k for k, v in skeleton.named_parameters(remove_duplicate=False) if v is emb)
+    index = _weight_file(name, "model.safetensors.index.json")
+    if index is not None:
+        files = json.loads(index.read_text())["weight_map"]
     else:
-        from transformers import AutoModel, AutoTokenizer
+        single = _weight_file(name, "model.safetensors")
+        files = None if single is None else {k: single.name for k in _keys(single)}
+    if files is not None:
+        # A checkpoint saved from a model with a head (WhisperForConditionalGeneration, *ForCausalLM)
+        # prefixes the base model's names (``model.``); the base model's own do not.
+        found = next((k for k in (key, f"{skeleton.base_model_prefix}.{key}") if k in files), None)
+        if found is not None:
+            path = _weight_file(name, files[found]) if index is not None else single
+            with safe_open(str(path), "pt") as f:
+                return f.get_tensor(found).float().numpy()
+    model = AutoModel.from_pretrained(name, dtype=torch.float32)  # no safetensors: the whole model, once
+    return model.get_input_embeddings().weight.detach().float().numpy()
 
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(name)
-            model = AutoModel.from_pretrained(name, dtype=torch.float32)
-        except OSError as e:
-            raise ValueError(f"text.model: cannot load {name!r} ({e}); use {whisper.EMBEDDED!r} offline") from e
-    table = model.get_input_embeddings().weight.detach().float().numpy()
-    return tokenizer, table
+
+def _keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return list(f.keys())
 
 
 def normalize(text: str, case: str) -> str:

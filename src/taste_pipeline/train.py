@@ -221,10 +221,14 @@ def fit(model: TasteModel, train_ex, val_ex, cfg: Train, out_dir: str | Path,
 
 
 def build_model(model: str, vocab_size: int, d_query: int, d_audio: int, p: Train,
-                whisper_model: str | None) -> TasteModel:
+                whisper_model: str | None, text_model: str | None = None) -> TasteModel:
     """A fresh ``model`` (taste or text_only) from the ``train`` params; the aggregator starts from
-    Whisper's decoder with ``agg_init: whisper``, else random with Whisper's shape rule for its width
-    (64-wide heads, FFN 4x the width).
+    Whisper's decoder with ``agg_init: whisper`` (behind the family's task prefix,
+    ``whisper.prefix_tokens``), else random with Whisper's shape rule for its width (64-wide heads,
+    FFN 4x the width).
+
+    ``text_model`` is the text table's ``text.model``: with ``agg_init: whisper`` the Whisper decoder
+    reads the text embeddings, so they must be that Whisper's own.
 
     The initial weights follow ``train.seed``: torch seeds its default generator at random in every
     process, so without this the same params would train a different model each run.
@@ -240,10 +244,15 @@ def build_model(model: str, vocab_size: int, d_query: int, d_audio: int, p: Trai
         return TasteModel(dataclasses.replace(cfg, agg_heads=d_audio // 64, agg_ffn=4 * d_audio))
     from . import whisper
 
+    if text_model is not None and text_model != whisper_model:
+        raise ValueError(f"train.agg_init: whisper makes {whisper_model!r} (whisper.model)'s decoder read the text "
+                         f"embeddings, but the text table was made with text.model {text_model!r}: set text.model "
+                         f"to whisper.model, or use train.agg_init: fresh")
     wm = whisper.load_model(whisper_model)
-    model = TasteModel(dataclasses.replace(cfg, agg_heads=wm.config.decoder_attention_heads,
+    prefix = whisper.prefix_tokens(whisper.load_tokenizer(whisper_model), wm.config.vocab_size, p.agg_language)
+    model = TasteModel(dataclasses.replace(cfg, agg_heads=wm.config.decoder_attention_heads, agg_prefix=len(prefix),
                                            agg_ffn=wm.config.decoder_ffn_dim, max_text=wm.config.max_target_positions))
-    model.aggregator.init_from_whisper(wm)
+    model.aggregator.init_from_whisper(wm, prefix)
     return model
 
 

@@ -185,6 +185,41 @@ def load_model(name: str) -> WhisperForConditionalGeneration:
         raise ValueError(f"whisper.model: cannot load {name!r} ({e}); use {EMBEDDED!r} offline") from e
 
 
+def load_tokenizer(name: str):
+    """The tokenizer of a ``whisper.model`` / ``text.model`` name (any transformers tokenizer)."""
+    if name == EMBEDDED:
+        from transformers import WhisperTokenizerFast
+
+        return WhisperTokenizerFast(tokenizer_file=str(embedded_model_dir() / "tokenizer.json"))
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except OSError as e:
+        raise ValueError(f"cannot load the tokenizer of {name!r} ({e}); use {EMBEDDED!r} offline") from e
+
+
+# openai-whisper's rule (``Whisper.is_multilingual``): English-only checkpoints have 51864 tokens.
+MULTILINGUAL_VOCAB = 51865
+
+
+def prefix_tokens(tokenizer, vocab_size: int, language: str = "en") -> list[int]:
+    """The tokens Whisper's decoder was trained to read a transcript behind, as ids of the model's own
+    tokenizer: ``<|startoftranscript|> <|notimestamps|>`` for English-only models, and
+    ``<|startoftranscript|> <|{language}|> <|transcribe|> <|notimestamps|>`` for multilingual ones (the
+    four TASTE feeds). Ids differ by family (large-v3 added a language, moving the task and timestamp
+    tokens by one), so they are looked up, never assumed.
+    """
+    multilingual = vocab_size >= MULTILINGUAL_VOCAB
+    names = ["<|startoftranscript|>", *([f"<|{language}|>", "<|transcribe|>"] if multilingual else []), "<|notimestamps|>"]
+    ids = [tokenizer.convert_tokens_to_ids(n) for n in names]
+    bad = [n for n, i in zip(names, ids) if i is None or i == tokenizer.unk_token_id or not 0 <= i < vocab_size]
+    if bad:
+        what = "train.agg_language" if multilingual and f"<|{language}|>" in bad else "whisper.model"
+        raise ValueError(f"{what}: the tokenizer of whisper.model has no {bad} (language {language!r})")
+    return ids
+
+
 def load_feature_extractor(name: str, num_mel_bins: int) -> WhisperFeatureExtractor:
     if name == EMBEDDED:
         return WhisperFeatureExtractor(feature_size=num_mel_bins)
