@@ -160,3 +160,50 @@ def test_missing_audio_is_named_by_utterance(tiny_resampled):
     row = tables.read_manifest(tiny_resampled / "manifest.parquet").to_pylist()[0]
     with pytest.raises(FileNotFoundError, match=row["utt_id"]):
         audio.load_utterance(tiny_resampled, dict(row, audio_path="audio/gone.flac"))
+
+
+@pytest.fixture()
+def nobody_split(tmp_path):
+    """Inputs nobody made for us: non-finite float audio, float audio over full scale, a transcript
+    line that is not UTF-8, two different lines for one utterance, the same line twice."""
+    d = tmp_path / "nobody" / "2" / "20"
+    d.mkdir(parents=True)
+    nan, inf, loud = _tone(16000, 1.0), _tone(16000, 1.0), _tone(16000, 1.0) * 3.6  # loud peaks at 1.8
+    nan[100:110], inf[5000] = np.nan, np.inf
+    for i, x in enumerate([nan, inf, loud, _tone(16000, 1.0), _tone(16000, 1.0), _tone(16000, 1.0), _tone(16000, 1.0)]):
+        sf.write(d / f"2-20-{i:04d}.wav", x, 16000, subtype="FLOAT")
+    (d / "2-20.trans.txt").write_bytes(
+        b"2-20-0000 NOT A NUMBER\n2-20-0001 INFINITY\n2-20-0002 TOO LOUD\n2-20-0003 CAF\xc9 AU LAIT\n"
+        b"2-20-0004 ONE TEXT\n2-20-0004 ANOTHER TEXT\n2-20-0005 SAID TWICE\n2-20-0005 SAID TWICE\n2-20-0006 FINE\n")
+    return tmp_path / "nobody"
+
+
+def test_inputs_nobody_made_for_us_are_rejected_or_repaired_by_name(nobody_split, tmp_path):
+    out = tmp_path / "out"
+    kept, rejected = audio.resample_split(nobody_split, out)
+    rejects = {r["utt_id"]: r for r in tables.read_rejects(out / "rejects.parquet").to_pylist()}
+    rows = {r["utt_id"]: r for r in tables.read_manifest(out / "manifest.parquet").to_pylist()}
+    assert set(rejects) == {"2-20-0000", "2-20-0001", "2-20-0003", "2-20-0004"} and (kept, rejected) == (3, 4)
+    assert "2-20-0000.wav: 10 samples are NaN or infinite" in rejects["2-20-0000"]["reason"]
+    assert "2-20-0001.wav: 1 samples are NaN or infinite" in rejects["2-20-0001"]["reason"]
+    assert "2-20.trans.txt:4: transcript is not UTF-8 (byte 0xc9" in rejects["2-20-0003"]["reason"]
+    assert "2-20.trans.txt:6: a second transcript line" in rejects["2-20-0004"]["reason"]
+    assert "which is right is unknown" in rejects["2-20-0004"]["reason"]
+    assert rows["2-20-0005"]["text"] == "SAID TWICE" and rows["2-20-0006"]["text"] == "FINE"
+    repairs = tables.read_repairs(out / "repairs.parquet").to_pylist()
+    assert [r["utt_id"] for r in repairs] == ["2-20-0002"] and "peak 1.800 above full scale" in repairs[0]["repair"]
+    x = audio.load_utterance(out, rows["2-20-0002"])
+    assert np.abs(x).max() == pytest.approx(1.0, abs=1e-3)
+    np.testing.assert_allclose(x, _tone(16000, 1.0) * 2, atol=2e-4)  # scaled, not clipped: still a sine
+
+
+def test_strict_mode_stops_at_a_non_finite_file_and_at_a_repair(nobody_split, tmp_path):
+    with pytest.raises(audio.BadInput, match=r"2-20-0000\.wav: 10 samples are NaN"):
+        audio.resample_split(nobody_split, tmp_path / "out", strict=True)
+    d = nobody_split / "2" / "20"
+    for i in (0, 1, 3, 4):  # leave the loud one first in line
+        (d / f"2-20-{i:04d}.wav").unlink()
+    (d / "2-20.trans.txt").write_text("2-20-0002 TOO LOUD\n2-20-0005 SAID TWICE\n2-20-0006 FINE\n")
+    with pytest.raises(audio.BadInput, match=r"2-20-0002\.wav: peak 1.800 above full scale"):
+        audio.resample_split(nobody_split, tmp_path / "out", strict=True)
+    assert not (tmp_path / "out" / "manifest.parquet").exists()

@@ -38,6 +38,8 @@ MANIFEST = pa.schema(
 )
 
 REJECTS = pa.schema([("utt_id", pa.string()), ("path", pa.string()), ("reason", pa.string())])
+# Inputs kept after a repair (e.g. float audio above full scale, scaled down): what was done, and to which file.
+REPAIRS = pa.schema([("utt_id", pa.string()), ("path", pa.string()), ("repair", pa.string())])
 
 
 def matrix_type(width: int) -> pa.DataType:
@@ -254,6 +256,14 @@ def validate_rejects(table: pa.Table, where: str = "rejects") -> pa.Table:
     return table
 
 
+def validate_repairs(table: pa.Table, where: str = "repairs") -> pa.Table:
+    check_schema(table.schema, REPAIRS, where)
+    for r in table.to_pylist():
+        if not r["repair"]:
+            raise SchemaError(f"{where}: repair of {r['path']!r} does not say what was done")
+    return table
+
+
 def _matrix_width(table: pa.Table, column: str, where: str) -> int:
     t = table.schema.field(column).type
     if not (pa.types.is_list(t) and pa.types.is_fixed_size_list(t.value_type)
@@ -316,6 +326,10 @@ def read_manifest(path: str | os.PathLike) -> pa.Table:
 
 def read_rejects(path: str | os.PathLike) -> pa.Table:
     return validate_rejects(pq.read_table(path), str(path))
+
+
+def read_repairs(path: str | os.PathLike) -> pa.Table:
+    return validate_repairs(pq.read_table(path), str(path))
 
 
 def read_whisper(path: str | os.PathLike) -> pa.Table:
