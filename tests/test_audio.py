@@ -207,3 +207,75 @@ def test_strict_mode_stops_at_a_non_finite_file_and_at_a_repair(nobody_split, tm
     with pytest.raises(audio.BadInput, match=r"2-20-0002\.wav: peak 1.800 above full scale"):
         audio.resample_split(nobody_split, tmp_path / "out", strict=True)
     assert not (tmp_path / "out" / "manifest.parquet").exists()
+
+
+def test_lhotse_manifests_of_the_corpus_give_the_same_tables(tiny_corpus, tiny_resampled, tmp_path):
+    """lhotse's own LibriSpeech recipe over the tiny corpus, read with data.format lhotse, gives the
+    LibriSpeech-layout path's manifest, rejects, repairs and audio, byte for byte."""
+    from lhotse.recipes import prepare_librispeech
+
+    prepare_librispeech(tiny_corpus, dataset_parts=["tiny-train"], output_dir=tmp_path / "manifests")
+    out = tmp_path / "out"
+    kept, rejected = audio.resample_split(tmp_path / "manifests" / "tiny-train", out, fmt="lhotse")
+    assert rejected == 0
+    for name in ("manifest.parquet", "rejects.parquet", "repairs.parquet"):
+        assert pq.read_table(out / name).equals(pq.read_table(tiny_resampled / name)), name
+    for r in tables.read_manifest(out / "manifest.parquet").to_pylist():
+        assert (out / r["audio_path"]).read_bytes() == (tiny_resampled / r["audio_path"]).read_bytes()
+
+
+def _lhotse_split(root, recordings, supervisions, split="x"):
+    from lhotse import RecordingSet, SupervisionSet
+
+    root.mkdir(parents=True, exist_ok=True)
+    RecordingSet.from_recordings(recordings).to_file(root / f"c_recordings_{split}.jsonl.gz")
+    with SupervisionSet.open_writer(root / f"c_supervisions_{split}.jsonl.gz") as w:
+        for s in supervisions:  # written one by one: a set would refuse the duplicate ids under test
+            w.write(s)
+    return root / split
+
+
+def test_lhotse_segments_channels_and_the_same_rules(tmp_path):
+    """Segments inside a long recording, a chosen channel, a stereo mix; NaN audio, a missing recording,
+    no speaker, conflicting duplicates and a recording nobody uses are rejects naming the file."""
+    from lhotse import Recording, SupervisionSegment as S
+
+    rate = 22050
+    left, right = _tone(rate, 6.0, freq=300), _tone(rate, 6.0, freq=700)
+    sf.write(tmp_path / "long.wav", np.stack([left, right], axis=1), rate, subtype="PCM_16")
+    bad = _tone(16000, 1.0)
+    bad[3] = np.nan
+    sf.write(tmp_path / "nan.wav", bad, 16000, subtype="FLOAT")
+    sf.write(tmp_path / "unused.wav", _tone(16000, 1.0), 16000, subtype="PCM_16")
+    long, nan, unused = (Recording.from_file(tmp_path / f"{n}.wav", recording_id=n) for n in ("long", "nan", "unused"))
+    sups = [S("a-1-0001", "long", 1.0, 2.0, channel=0, text="LEFT ONLY", speaker="a"),
+            S("a-1-0002", "long", 3.0, 1.5, channel=[0, 1], text="BOTH", speaker="a"),
+            S("a-1-0003", "nan", 0.0, 1.0, channel=0, text="NOT A NUMBER", speaker="a"),
+            S("a-1-0004", "gone", 0.0, 1.0, channel=0, text="NO RECORDING", speaker="a"),
+            S("a-1-0005", "long", 0.0, 1.0, channel=0, text="NOBODY", speaker=None),
+            S("a-1-0006", "long", 4.0, 1.0, channel=0, text="ONE", speaker="a"),
+            S("a-1-0006", "long", 4.0, 1.0, channel=0, text="TWO", speaker="a")]
+    split = _lhotse_split(tmp_path / "m", [long, nan, unused], sups)
+    out = tmp_path / "out"
+    kept, rejected = audio.resample_split(split, out, fmt="lhotse")
+    rows = {r["utt_id"]: r for r in tables.read_manifest(out / "manifest.parquet").to_pylist()}
+    rejects = {r["utt_id"]: r["reason"] for r in tables.read_rejects(out / "rejects.parquet").to_pylist()}
+    assert set(rows) == {"a-1-0001", "a-1-0002"} and (kept, rejected) == (2, 5)
+    assert rows["a-1-0001"]["num_samples"] == 32000 and rows["a-1-0002"]["num_samples"] == 24000
+    x = audio.load_utterance(out, rows["a-1-0001"])
+    assert np.argmax(np.abs(np.fft.rfft(x))) * 16000 / len(x) == pytest.approx(300, abs=2)  # channel 0 alone
+    both = np.abs(np.fft.rfft(audio.load_utterance(out, rows["a-1-0002"])))
+    peaks = sorted(np.argsort(both)[-2:] * 16000 / 24000)
+    assert peaks == pytest.approx([300, 700], abs=2)  # the two channels mixed
+    assert "nan.wav: 1 samples are NaN" in rejects["a-1-0003"]
+    assert "names recording 'gone'" in rejects["a-1-0004"] and "c_supervisions_x.jsonl.gz" in rejects["a-1-0004"]
+    assert "has no speaker" in rejects["a-1-0005"]
+    assert "a second supervision a-1-0006" in rejects["a-1-0006"] and "which is right is unknown" in rejects["a-1-0006"]
+    assert "unused.wav: recording unused" in rejects["unused"] and "has no supervision" in rejects["unused"]
+    with pytest.raises(audio.BadInput, match="unused.wav"):
+        audio.resample_split(split, tmp_path / "strict", strict=True, fmt="lhotse")
+
+
+def test_lhotse_split_files_must_be_there_once(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"0 files matching \*_recordings_x.jsonl.gz"):
+        audio.resample_split(tmp_path / "x", tmp_path / "out", fmt="lhotse")

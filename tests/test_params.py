@@ -67,7 +67,7 @@ def test_stage_scripts_name_the_param_for_bad_inputs(tmp_path):
         return subprocess.run([sys.executable, str(repo / "stages" / f"{name}.py"), *map(str, args)],
                               cwd=tmp_path, capture_output=True, text=True)
 
-    r = stage("resample", tmp_path / "no-split", tmp_path / "out")
+    r = stage("resample", tmp_path, "no-split", tmp_path / "out")
     assert r.returncode != 0 and "data.root" in r.stderr and "no-split" in r.stderr
     (tmp_path / "m").mkdir()
     tables.write_table(tmp_path / "m" / "manifest.parquet", pa.Table.from_pylist([], schema=tables.MANIFEST),

@@ -10,8 +10,9 @@ kept and noted in the repairs table.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -41,6 +42,8 @@ class Entry:
     audio: Path | None  # None: no audio file
     transcript: Path | None
     problem: str | None = None  # a transcript that cannot be trusted (the reason, naming file and line)
+    # How to read the audio as (float32 mono, rate); None: ``load_mono(audio)`` (lhotse entries bring theirs).
+    load: Callable[[], tuple[np.ndarray, int]] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -124,12 +127,17 @@ def load_mono(path: str | Path) -> tuple[np.ndarray, int]:
         raise BadInput(f"{path}: {reason} ({e})") from e
     if data.shape[0] == 0:
         raise BadInput(f"{path}: audio has no samples")
-    bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
-    if bad:
-        raise BadInput(f"{path}: {bad} samples are NaN or infinite (float audio with non-finite values)")
+    check_finite(path, data)
     if 0 < data.shape[0] < declared:
         raise BadInput(f"{path}: truncated audio (the header promises {declared} samples, the file holds {data.shape[0]})")
     return data.mean(axis=1), rate
+
+
+def check_finite(path, data: np.ndarray) -> None:
+    """NaN or infinite samples (float files can hold them) would poison every feature: a reject."""
+    bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+    if bad:
+        raise BadInput(f"{path}: {bad} samples are NaN or infinite (float audio with non-finite values)")
 
 
 def resample(audio: np.ndarray, rate: int, target: int = SAMPLE_RATE) -> np.ndarray:
@@ -177,15 +185,23 @@ def fit_full_scale(path: Path, audio: np.ndarray) -> tuple[np.ndarray, str | Non
 
 
 def resample_split(split_dir: str | Path, out_dir: str | Path, strict: bool = False,
-                   silence_dbfs: float | None = -60.0) -> tuple[int, int]:
+                   silence_dbfs: float | None = -60.0, fmt: str = "librispeech") -> tuple[int, int]:
     """Resample a split to 16 kHz mono FLAC under ``out_dir/audio`` and write the manifest, the rejects
     and the repairs.
 
-    Returns (kept, rejected). With ``strict`` the first bad input, or one that needs a repair, raises
-    ``BadInput`` instead.
+    ``fmt`` (``data.format``): ``librispeech``, ``split_dir`` is a LibriSpeech-layout split folder;
+    ``lhotse``, it is ``<manifest folder>/<split name>`` (``lhotse_input``). Returns (kept, rejected).
+    With ``strict`` the first bad input, or one that needs a repair, raises ``BadInput`` instead.
     """
     out_dir = Path(out_dir)
-    entries, rejects = scan_split(split_dir)
+    if fmt == "lhotse":
+        from .lhotse_input import scan_lhotse
+
+        entries, rejects = scan_lhotse(Path(split_dir).parent, Path(split_dir).name)
+    elif fmt == "librispeech":
+        entries, rejects = scan_split(split_dir)
+    else:
+        raise ValueError(f"data.format: {fmt!r} is not one of librispeech, lhotse")
     if strict and rejects:
         raise BadInput(f"{rejects[0].path}: {rejects[0].reason}")
     rows: list[dict] = []
@@ -193,7 +209,7 @@ def resample_split(split_dir: str | Path, out_dir: str | Path, strict: bool = Fa
     for entry in tqdm(entries, desc=f"resample {Path(split_dir).name}", unit="utt"):
         try:
             _check(entry)
-            audio, rate = load_mono(entry.audio)
+            audio, rate = entry.load() if entry.load else load_mono(entry.audio)
             check_not_silent(entry.audio, audio, silence_dbfs)
             audio, note = fit_full_scale(entry.audio, audio)
             if note and strict:

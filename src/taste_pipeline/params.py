@@ -29,14 +29,20 @@ class Base:
     seed: int = 1337
 
 
+DATA_FORMATS = ("librispeech", "lhotse")
+
+
 @dataclass(frozen=True)
 class Data:
     root: str = "data/sample/LibriSpeech"
     splits: list = field(default_factory=lambda: ["sample-train", "sample-test"])
     train_split: str = "sample-train"
     test_split: str = "sample-test"
+    format: str = "librispeech"  # librispeech (split folders) or lhotse (recordings + supervisions manifests)
 
     def check(self):
+        if self.format not in DATA_FORMATS:
+            raise ParamError(f"data.format: {self.format!r} is not one of {list(DATA_FORMATS)}")
         for name in ("train_split", "test_split"):
             if getattr(self, name) not in self.splits:
                 raise ParamError(f"data.{name}: {getattr(self, name)!r} is not in data.splits {self.splits}")
