@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 
@@ -46,3 +48,15 @@ def test_per_position_bins():
 def test_wide_rows_give_one_column_per_system():
     curves = {"a": [{"s": 0.0, "v": 0.1}, {"s": 0.5, "v": 0.2}], "b": [{"s": 0.5, "v": 0.3}]}
     assert metrics.wide(curves, "s", "v") == [{"s": 0.0, "a": 0.1, "b": None}, {"s": 0.5, "a": 0.2, "b": 0.3}]
+
+
+def test_gap_closed_and_speech_bits():
+    text_only = {"nll": 2.5, "top1_acc": 0.40, "change_top1_acc": 0.10}
+    topline = {"nll": 1.5, "top1_acc": 0.60, "change_top1_acc": 0.50}
+    v = {"nll": 2.25, "top1_acc": 0.45, "change_top1_acc": 0.20}
+    g = metrics.gap_metrics(v, text_only, topline)
+    assert g["gap_closed_nll"] == pytest.approx(0.25) and g["gap_closed_top1_acc"] == pytest.approx(0.25)
+    assert g["gap_closed_change_top1_acc"] == pytest.approx(0.25)
+    assert g["speech_bits_per_s"] == pytest.approx(0.25 * 50 / math.log(2))
+    assert metrics.gap_metrics(topline, text_only, topline)["gap_closed_nll"] == pytest.approx(1.0)
+    assert metrics.gap_metrics(text_only, text_only, None) == {"speech_bits_per_s": 0.0}

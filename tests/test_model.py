@@ -22,7 +22,7 @@ def _model(variant="taste", **kw):
     return TasteModel(ModelConfig(**(cfg | kw))).eval()
 
 
-@pytest.mark.parametrize("variant", ["taste", "text_only"])
+@pytest.mark.parametrize("variant", ["taste", "text_only", "speech_frames"])
 def test_future_targets_never_change_past_logits(variant):
     model, batch = _model(variant), _batch()
     logits, _ = model(batch)
@@ -54,6 +54,33 @@ def test_taste_depends_on_speech_but_not_on_padded_frames():
     padded["mid"][1, 30:] = 1e3  # item 1 has 30 real frames
     padded["last"][1, 30:] = -1e3
     torch.testing.assert_close(model(padded)[0], logits)
+
+
+def test_the_topline_reads_frame_r_at_unit_input_r_and_never_a_later_frame():
+    """speech_frames: the output predicting the unit of frame r sees frames 0..r, nothing later, and
+    nothing past an item's last real frame."""
+    model, batch = _model("speech_frames"), _batch()
+    logits, _ = model(batch)
+    for r in (0, 6, 19):
+        changed = dict(batch, mid=batch["mid"].clone())
+        changed["mid"][:, r] += 5.0
+        logits2, _ = model(changed)
+        torch.testing.assert_close(logits[:, :r], logits2[:, :r])  # outputs before r: untouched
+        assert not torch.allclose(logits[0, r], logits2[0, r])  # output r reads frame r
+    padded = dict(batch, last=batch["last"].clone())
+    padded["last"][2, 20:] = 1e3  # item 2 has 20 real frames
+    torch.testing.assert_close(model(padded)[0], logits)
+
+
+def test_tastes_decoder_never_sees_frame_rate_features(monkeypatch):
+    """taste's speech reaches the decoder only as one vector per text token: with those vectors held
+    fixed, no change to the frames changes a logit."""
+    model, batch = _model("taste"), _batch()
+    fixed = torch.randn(3, 7, 384)
+    monkeypatch.setattr(model, "speech_vectors", lambda *a: fixed[:, : a[0].shape[1]])
+    logits, _ = model(batch)
+    other = dict(batch, mid=torch.randn_like(batch["mid"]), last=torch.randn_like(batch["last"]))
+    torch.testing.assert_close(model(other)[0], logits)
 
 
 def test_batched_equals_single_items():
@@ -190,7 +217,7 @@ def test_text_dropout_acts_only_in_training():
     assert not torch.allclose(evaluated, speech_only)
 
 
-@pytest.mark.parametrize("variant", ["taste", "text_only"])
+@pytest.mark.parametrize("variant", ["taste", "text_only", "speech_frames"])
 def test_cached_generation_agrees_with_the_full_forward_pass(variant):
     """Greedy units from the key/value cache are what the teacher-forced forward pass predicts on them,
     item by item in a batch of different text and speech lengths, up to END."""

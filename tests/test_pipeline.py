@@ -71,6 +71,14 @@ def test_metrics_and_plots(repo):
         assert 0 <= m[key] < 100, key
     assert m["num_utterances"] == 3 and "not S3" in m["targets"]
     assert 0 < m["taste_ft_nll"] < 100 and m["best_epoch"]["taste_ft"] == 0  # the finetuned variant, 1 epoch
+    # The topline and what each variant gets of the gap between text alone and it.
+    assert 0 < m["speech_frames_nll"] < 100
+    for prefix in ("", "taste_ft_", "shuffled_speech_"):
+        for k in ("gap_closed_nll", "gap_closed_top1_acc", "gap_closed_change_top1_acc", "speech_bits_per_s"):
+            assert prefix + k in m, prefix + k
+    assert m["speech_bits_per_s"] == pytest.approx((m["text_only_nll"] - m["nll"]) * 50 / 0.6931471805599453)
+    assert m["gap_closed_nll"] == pytest.approx((m["text_only_nll"] - m["nll"]) / (m["text_only_nll"] - m["speech_frames_nll"]))
+    assert len(list((repo / "plots/eval/units").glob("*.png"))) == 1
     for png in ("per_position.png", "loss_curves.png"):
         assert (repo / "plots/eval" / png).stat().st_size > 1000
     assert len(list((repo / "plots/eval/attention").glob("*.png"))) == 1

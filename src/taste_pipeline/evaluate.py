@@ -62,6 +62,11 @@ def run(test_files: dict, train_s3: str, model_dirs: dict[str, str], text_model:
     preds.update(metrics.baseline_preds(units, [np.asarray(t) for t in train_targets]))
 
     scores = {name: metrics.score(p) for name, p in preds.items()}
+    # The topline: the variant that reads every Whisper frame (speech_frames), when one was trained.
+    topline = next((n for n, (_, info) in models.items() if info["model_args"]["variant"] == "speech_frames"), None)
+    for name in [n for n in models if n not in ("text_only", topline)] + ["shuffled_speech"]:
+        scores[name].update(metrics.gap_metrics(scores[name], scores["text_only"],
+                                                scores[topline] if topline else None))
     # The headline is taste's, unprefixed; every other variant and the controls get their name as prefix.
     result = {f"{k}": v for k, v in scores["taste"].items()}
     for name in [n for n in models if n != "taste"] + ["shuffled_speech"]:
@@ -86,6 +91,14 @@ def run(test_files: dict, train_s3: str, model_dirs: dict[str, str], text_model:
     att_dir = plots / "attention"
     att_dir.mkdir(exist_ok=True)
     shown = test.examples(range(min(attention_utterances, len(test))))
+    # Where timing is lost: targets against the topline's, taste's and text_only's top-1 over time.
+    unit_dir = plots / "units"
+    unit_dir.mkdir(exist_ok=True)
+    order = [n for n in (topline, "taste", "text_only") if n]
+    for i, ex in shown.items():
+        metrics.plot_units(preds["taste"][i]["target"][:-1], {n: preds[n][i]["pred"][:-1] for n in order},
+                           f"{ex.utt_id}: target units and teacher-forced top-1 ({meta['targets']})",
+                           unit_dir / f"{ex.utt_id}.png")
     for ex in shown.values():
         w = attention(models["taste"][0], ex)
         tokens = [tokenizer.decode([int(i)]) for i in ex.token_ids]

@@ -35,6 +35,25 @@ def score(preds: list[dict]) -> dict:
             "nll": float(cat(nlls).mean()), "first_token_acc": float(cat(first).mean())}
 
 
+UNIT_RATE_HZ = 50
+
+
+def gap_metrics(v: dict, text_only: dict, topline: dict | None) -> dict:
+    """How much of what speech can add a variant gets, from ``score`` dicts.
+
+    ``speech_bits_per_s``: what the variant knows about the targets beyond text alone, (NLL_text_only -
+    NLL_v) nats per unit x 50 units/s / ln 2. ``gap_closed_*``: the share of the gap between text_only
+    and the full-speech topline (speech_frames) that the variant closes, for NLL, top-1 and change
+    top-1 (1 = as good as the topline, 0 = no better than text alone, < 0 = worse).
+    """
+    out = {"speech_bits_per_s": (text_only["nll"] - v["nll"]) * UNIT_RATE_HZ / np.log(2)}
+    if topline is not None:
+        for k in ("nll", "top1_acc", "change_top1_acc"):
+            gap = topline[k] - text_only[k]
+            out[f"gap_closed_{k}"] = (v[k] - text_only[k]) / gap if gap else float("nan")
+    return out
+
+
 def baseline_preds(targets: list[np.ndarray], train_targets: list[np.ndarray]) -> dict[str, list[dict]]:
     """copy_prev (most frequent train unit at the first position) and most_frequent, as ``predict`` outputs."""
     mode = Counter(np.concatenate(train_targets).tolist()).most_common(1)[0][0]
@@ -139,6 +158,35 @@ def plot_attention(weights: np.ndarray, tokens: list[str], title: str, path) -> 
     ax.set_yticklabels(tokens, fontsize=8)
     ax.set_xlabel("seconds")
     ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_units(target: np.ndarray, preds: dict[str, np.ndarray], title: str, path) -> None:
+    """The target units against each system's teacher-forced top-1 over time: one row of unit ids each
+    (colour = unit id, so a run of one colour is a held unit), and below, per system, where it was right
+    (dark) or wrong (light) — where timing is lost shows as light bands around unit changes."""
+    plt = _plt()
+    T = len(target)
+    names = list(preds)
+    seconds = T / UNIT_RATE_HZ
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(7, seconds * 1.4), 1.2 + 0.45 * (2 * len(names) + 1)),
+                                      sharex=True, gridspec_kw={"height_ratios": [len(names) + 1, len(names)]})
+    ids = np.stack([target] + [preds[n][:T] for n in names])
+    top.imshow(ids, aspect="auto", interpolation="nearest", cmap="nipy_spectral", extent=(0, seconds, len(ids) - 0.5, -0.5))
+    top.set_yticks(range(len(ids)))
+    top.set_yticklabels(["target"] + names, fontsize=8)
+    hits = np.stack([preds[n][:T] == target for n in names]).astype(float)
+    bottom.imshow(hits, aspect="auto", interpolation="nearest", cmap="Greys", vmin=-0.3, vmax=1,
+                  extent=(0, seconds, len(names) - 0.5, -0.5))
+    bottom.set_yticks(range(len(names)))
+    bottom.set_yticklabels([f"{n} {hits[i].mean():.2f}" for i, n in enumerate(names)], fontsize=8)
+    changes = np.flatnonzero(np.diff(target)) + 1
+    for c in changes:  # where the target unit changes
+        bottom.axvline(c / UNIT_RATE_HZ, color="tab:red", lw=0.3, alpha=0.5)
+    bottom.set_xlabel("seconds (red: target unit changes; dark: right)")
+    top.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

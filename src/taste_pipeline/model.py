@@ -8,6 +8,9 @@ the values come from another layer than the one it was trained on.
 
 Fusion: TASTE's weighted sum of a text branch and a speech branch with two softmax-normalised weights.
 ``text_only`` is the same model without the speech branch: it never reads speech features.
+``speech_frames`` is the topline (TASTE's "encoder only, 50 Hz"): text_only's decoder plus, at every
+unit position, the Whisper frame of that time (mid and last layers, projected). It bounds what speech
+can add; taste must get its speech through one vector per text token instead.
 
 Decoder: a causal transformer over [fused text-length prefix, TASK, u_1 .. u_T] that predicts
 u_1 .. u_T, END (the shape of CosyVoice's text-to-token LM). Loss only on the unit positions.
@@ -22,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-VARIANTS = ("taste", "text_only")
+VARIANTS = ("taste", "text_only", "speech_frames")
 
 
 class ConfigError(ValueError):
@@ -282,6 +285,8 @@ class TasteModel(nn.Module):
             self.aggregator = Aggregator(cfg)
             self.speech_branch = nn.Linear(cfg.d_audio, cfg.d_model)
             self.fusion_logits = nn.Parameter(torch.zeros(2))  # softmax -> equal weights at the start
+        if cfg.variant == "speech_frames":
+            self.frame_proj = nn.Linear(2 * cfg.d_audio, cfg.d_model)
         self.unit_emb = nn.Embedding(cfg.vocab_size + 2, cfg.d_model)
         # Positions count separately in the text prefix and in the unit stream, so a unit's position is
         # its time (20 ms steps) whatever the text length: both variants get the same clock.
@@ -301,9 +306,9 @@ class TasteModel(nn.Module):
         return self.aggregator(text_emb, mid, last, frame_mask)
 
     def prefix(self, text_emb, mid=None, last=None, frame_mask=None):
-        """Fused text-length prefix (B, L, d_model). text_only never touches mid/last."""
+        """Fused text-length prefix (B, L, d_model). Only taste reads mid/last here."""
         text = self.text_branch(text_emb)
-        if self.cfg.variant == "text_only":
+        if self.cfg.variant != "taste":
             return text
         speech = self.speech_branch(self.speech_vectors(text_emb, mid, last, frame_mask))
         w = self.fusion_logits.softmax(0)
@@ -311,6 +316,15 @@ class TasteModel(nn.Module):
             keep = torch.rand(text.shape[0], 1, 1, device=text.device) >= self.cfg.text_dropout
             text = text * keep
         return w[0] * text + w[1] * speech
+
+    def frame_inputs(self, batch: dict, steps: int) -> torch.Tensor:
+        """speech_frames only: (B, steps, d_model), the projected Whisper frame r for unit-stream input r
+        (the input at TASK, r = 0, predicts the unit of frame 0), zero past an item's last frame."""
+        mid, last, frame_len = batch["mid"], batch["last"], batch["frame_len"]
+        feats = self.frame_proj(torch.cat([mid, last], dim=-1)[:, :steps])
+        real = torch.arange(feats.shape[1], device=feats.device)[None] < frame_len[:, None]
+        feats = feats * real[..., None]
+        return F.pad(feats, (0, 0, 0, steps - feats.shape[1]))
 
     def targets(self, batch: dict) -> torch.Tensor:
         """(B, T+1): u_1 .. u_T, END per item, -100 at padding."""
@@ -359,6 +373,9 @@ class TasteModel(nn.Module):
         is_unit = (rel >= 1) & (rel <= unit_len[:, None])
         x[is_task] = task[:, 0].float()
         x[is_unit] = unit_in[(torch.arange(T, device=dev)[None] < unit_len[:, None])].float()
+        if self.cfg.variant == "speech_frames":
+            x[is_task | is_unit] += self.frame_inputs(batch, T + 1)[
+                torch.arange(T + 1, device=dev)[None] <= unit_len[:, None]].float()
         pos = torch.where(is_prefix[..., None], self.text_pos_emb(pos_in_seq.clamp(max=self.cfg.max_text - 1)),
                           self.unit_position(rel))
         x = self.drop(x + pos)
@@ -402,6 +419,9 @@ class TasteModel(nn.Module):
         x = torch.zeros(B, L + 1, self.cfg.d_model, device=dev)
         x[is_prefix] = prefix[is_prefix[:, :L]].float()
         x[torch.arange(B, device=dev), text_len] = self.unit_emb.weight[self.cfg.task_id].float()
+        frames = self.frame_inputs(batch, max_units + 1) if self.cfg.variant == "speech_frames" else None
+        if frames is not None:
+            x[torch.arange(B, device=dev), text_len] += frames[:, 0].float()
         x = x + torch.where(is_prefix[..., None], self.text_pos_emb(pos.clamp(max=self.cfg.max_text - 1)),
                             self.unit_position(torch.zeros_like(pos)))
         valid = pos <= text_len[:, None]  # the prefix and TASK; later positions are all real
@@ -429,6 +449,8 @@ class TasteModel(nn.Module):
                 break
             h = self.unit_emb(nxt.clamp(max=self.cfg.vocab_size - 1))[:, None] + self.unit_position(
                 torch.full((B, 1), t, device=dev))
+            if frames is not None:
+                h = h + frames[:, t : t + 1]
             valid = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool, device=dev)], dim=1)
             logits = run(h)[:, 0]
         return [torch.tensor(u, dtype=torch.long) for u in out]

@@ -157,7 +157,8 @@ class Train(ModelArgs):
     of DVC stages.
     """
 
-    variants: dict = field(default_factory=lambda: {"taste": {"model": "taste"}, "text_only": {"model": "text_only"}})
+    variants: dict = field(default_factory=lambda: {"taste": {"model": "taste"}, "text_only": {"model": "text_only"},
+                                                    "speech_frames": {"model": "speech_frames"}})
     finetune: dict = field(default_factory=dict)
     lr: float = 1e-3
     epochs: int = 16
