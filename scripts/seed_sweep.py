@@ -1,5 +1,6 @@
 """Train and evaluate the default pipeline over several training seeds with `dvc exp run`, then print
-mean and standard deviation of the headline metrics and of the taste - control gaps.
+mean and standard deviation of the headline metrics (topline included), of the share of the
+text-to-topline gap taste closes (`gap_closed_*`, `speech_bits_per_s`) and of the taste - control gaps.
 
     python scripts/seed_sweep.py 1 2 3          # runs one experiment per seed (train + evaluate)
     python scripts/seed_sweep.py --report-only  # summarize experiments that already ran
@@ -42,11 +43,19 @@ def report(runs: dict[str, dict]) -> None:
     rows = [by_seed[s] for s in sorted(by_seed)]
     print(f"seeds: {sorted(by_seed)}; targets: {rows[0].get('targets')}; test utterances: {rows[0].get('num_utterances')}")
     fmt = lambda xs: f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs) if len(xs) > 1 else 0:.4f}"  # noqa: E731
-    print("| metric | taste | text_only | shuffled_speech |\n|---|---|---|---|")
+    systems = [("taste", ""), ("text_only", "text_only_"), ("shuffled_speech", "shuffled_speech_")]
+    if all("speech_frames_nll" in r for r in rows):
+        systems.insert(0, ("speech_frames (topline)", "speech_frames_"))
+    print("| metric | " + " | ".join(n for n, _ in systems) + " |\n|---|" + "---|" * len(systems))
     for m in ("top1_acc", "change_top1_acc", "nll"):
-        print(f"| {m} | {fmt([r[m] for r in rows])} | {fmt([r['text_only_' + m] for r in rows])} | "
-              f"{fmt([r['shuffled_speech_' + m] for r in rows])} |")
-    print(f"| copy_prev top1_acc | {fmt([r['copy_prev_top1_acc'] for r in rows])} | | |")
+        print(f"| {m} | " + " | ".join(fmt([r[p + m] for r in rows]) for _, p in systems) + " |")
+    print(f"copy_prev top1_acc: {fmt([r['copy_prev_top1_acc'] for r in rows])}")
+    # What taste (and the shuffled control) gets of what speech can add: per seed, then mean ± sd.
+    for name, p in (("taste", ""), ("shuffled_speech", "shuffled_speech_")):
+        for m in ("speech_bits_per_s", "gap_closed_nll", "gap_closed_top1_acc", "gap_closed_change_top1_acc"):
+            if all(p + m in r for r in rows):
+                xs = [r[p + m] for r in rows]
+                print(f"{name} {m}, per seed: {[round(x, 4) for x in xs]}  mean {fmt(xs)}")
     for ctrl in ("text_only", "shuffled_speech"):
         for m, sign in (("change_top1_acc", 1), ("nll", -1)):
             gaps = [sign * (r[m] - r[f"{ctrl}_{m}"]) for r in rows]
