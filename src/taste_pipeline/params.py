@@ -161,7 +161,7 @@ class Train(ModelArgs):
                                                     "speech_frames": {"model": "speech_frames"}})
     finetune: dict = field(default_factory=dict)
     lr: float = 1e-3
-    epochs: int = 16
+    epochs: int = 10
     batch_size: int = 16
     weight_decay: float = 0.01
     warmup_steps: int = 100
