@@ -4,8 +4,9 @@
 
 1. A small espeak corpus, synthesized here, through the project's own code with ``device: cuda``:
    whisper (a random-weight tiny.en-shaped model saved as a transformers folder, so the local-folder
-   loading path runs too), text, the stand-in targets, train (taste and text_only, ``amp: auto``) and
-   evaluate (``device: auto``, attention plots included). Prints audio-s/s, train units/s and the
+   loading path runs too: tokenizer, task prefix, embedding table read from safetensors), text, the
+   stand-in targets, train (taste, text_only and the speech_frames topline, ``amp: auto``) and evaluate
+   (``device: auto``, attention and unit plots included). Prints audio-s/s, train units/s and the
    metrics, which are near chance: the Whisper weights are random.
 2. The S3 encoder (speech_tokenizer_v1 shape, random weights) on the GPU: audio-s/s in float32 and
    bfloat16, and how many codes bfloat16 changes.
@@ -124,7 +125,7 @@ def small_pipeline(work: Path, device: str, tokenizer_json: Path, train_utts: in
     split, meta = data.load_split(**files["tr"])
     train_ex, val_ex = data.speaker_split(split, p.val_speakers, 0)
     units = sum(split.num_units(i) for i in train_ex.indices)
-    for kind in ("taste", "text_only"):
+    for kind in ("taste", "text_only", "speech_frames"):
         model = train.build_model(kind, int(meta["vocab_size"]), *split.widths, p, str(model_dir))
         reset_peak(device)
         t = time.perf_counter()
@@ -140,13 +141,15 @@ def small_pipeline(work: Path, device: str, tokenizer_json: Path, train_utts: in
     reset_peak(device)
     t = time.perf_counter()
     result = evaluate.run(files["te"], str(work / "s_tr.parquet"),
-                          {k: str(work / "models" / k) for k in ("taste", "text_only")}, str(model_dir), 0, 32, 2,
+                          {k: str(work / "models" / k) for k in ("taste", "text_only", "speech_frames")}, str(model_dir), 0, 32, 2,
                           str(work / "eval.json"), str(work / "plots"), "auto" if device.startswith("cuda") else device)
     dt = time.perf_counter() - t
     pngs = sorted(p.name for p in (work / "plots").rglob("*.png"))
-    out["evaluate"] = {k: result[k] for k in ("nll", "text_only_nll", "shuffled_speech_nll", "top1_acc")}
+    out["evaluate"] = {k: result[k] for k in ("nll", "text_only_nll", "shuffled_speech_nll", "speech_frames_nll",
+                                              "gap_closed_nll", "top1_acc")}
     print(f"evaluate (device auto): {dt:.1f} s; nll {result['nll']:.3f}, text_only {result['text_only_nll']:.3f}, "
-          f"shuffled {result['shuffled_speech_nll']:.3f}; {len(pngs)} PNGs ({', '.join(pngs[:4])}, ...)")
+          f"shuffled {result['shuffled_speech_nll']:.3f}, topline {result['speech_frames_nll']:.3f}, gap closed "
+          f"{result['gap_closed_nll']:.3f}; {len(pngs)} PNGs ({', '.join(pngs[:4])}, ...)")
     if not pngs:
         raise RuntimeError("evaluate wrote no plots")
 
