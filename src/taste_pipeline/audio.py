@@ -77,7 +77,9 @@ def _transcript_lines(trans: Path):
 
 
 def scan_split(split_dir: str | Path) -> tuple[list[Entry], list[Reject]]:
-    """Pair transcript lines with audio files. Unparseable transcript lines are rejects at once."""
+    """Pair transcript lines with audio files. A line that cannot be trusted (not UTF-8, a second line
+    with another text) marks its utterance's entry with the problem, which then becomes its reject; a
+    second audio file for one utterance is a reject at once."""
     split_dir = Path(split_dir)
     if not split_dir.is_dir():
         raise FileNotFoundError(f"data split folder {split_dir} does not exist")
