@@ -69,3 +69,12 @@ def test_existing_output_survives_a_failed_rewrite(tmp_path):
             tmp.write_text("half")
             raise RuntimeError
     assert dest.read_text() == "old" and list(tmp_path.iterdir()) == [dest]
+
+
+def test_rejects_and_repairs_must_say_what_happened():
+    for schema, col, check in ((tables.REJECTS, "reason", tables.validate_rejects),
+                               (tables.REPAIRS, "repair", tables.validate_repairs)):
+        good = pa.Table.from_pydict({"utt_id": ["a"], "path": ["x.flac"], col: ["peak 1.2"]}, schema=schema)
+        assert check(good) is good
+        with pytest.raises(tables.SchemaError, match=f"x.flac.*does not say {col}"):
+            check(pa.Table.from_pydict({"utt_id": ["a"], "path": ["x.flac"], col: [""]}, schema=schema))

@@ -248,20 +248,21 @@ def validate_manifest(table: pa.Table, where: str = "manifest") -> pa.Table:
     return table
 
 
-def validate_rejects(table: pa.Table, where: str = "rejects") -> pa.Table:
-    check_schema(table.schema, REJECTS, where)
-    for r in table.to_pylist():
-        if not r["reason"]:
-            raise SchemaError(f"{where}: reject of {r['path']!r} has no reason")
+def _validate_said(table: pa.Table, schema: pa.Schema, column: str, what: str, where: str) -> pa.Table:
+    """Rejects and repairs: each row must say, in ``column``, what happened to its file."""
+    check_schema(table.schema, schema, where)
+    for path, said in zip(table.column("path").to_pylist(), table.column(column).to_pylist()):
+        if not said:
+            raise SchemaError(f"{where}: {what} of {path!r} does not say {column}")
     return table
+
+
+def validate_rejects(table: pa.Table, where: str = "rejects") -> pa.Table:
+    return _validate_said(table, REJECTS, "reason", "reject", where)
 
 
 def validate_repairs(table: pa.Table, where: str = "repairs") -> pa.Table:
-    check_schema(table.schema, REPAIRS, where)
-    for r in table.to_pylist():
-        if not r["repair"]:
-            raise SchemaError(f"{where}: repair of {r['path']!r} does not say what was done")
-    return table
+    return _validate_said(table, REPAIRS, "repair", "repair", where)
 
 
 def _matrix_width(table: pa.Table, column: str, where: str) -> int:
