@@ -22,6 +22,7 @@ failure and the next one still runs; the exit status is non-zero if any failed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -119,8 +120,6 @@ def small_pipeline(work: Path, device: str, tokenizer_json: Path, train_utts: in
     p = params.Train(device=device, amp="auto", epochs=3, patience=3, val_speakers=1, warmup_steps=10)
     amp = hardware.resolve_amp(p.amp, device)
     print(hardware.describe("auto", amp, "train.amp", device))
-    import dataclasses
-
     p = dataclasses.replace(p, amp=amp)
     split, meta = data.load_split(**files["tr"])
     train_ex, val_ex = data.speaker_split(split, p.val_speakers, 0)
