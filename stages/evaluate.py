@@ -1,6 +1,8 @@
-"""Stage evaluate: teacher-forced top-1, change top-1, NLL, first-token accuracy on the test split.
+"""Stage evaluate: teacher-forced top-1, change top-1, NLL, first-token accuracy on the test split;
+free-running unit error rate and length error; bitrate and codebook health of taste_rvq.
 
     python stages/evaluate.py <manifest> <whisper> <text> <s3> <train s3> <models_dir> <metrics.json> <plots_dir>
+        [--train-codes <tokenize table of the train split>]
 
 The first four are the test split's tables; <models_dir>/<variant> holds each trained variant (every
 name of train.variants and train.finetune).
@@ -19,15 +21,19 @@ def main() -> None:
     ap.add_argument("models_dir")
     ap.add_argument("metrics")
     ap.add_argument("plots_dir")
+    ap.add_argument("--train-codes", help="tokenize table of the train split (codes of tokenize.model): dead codes")
     args = ap.parse_args()
-    p, t, tr = params.load("evaluate"), params.load("text"), params.load("train")
+    p, t, tr, tk = params.load("evaluate"), params.load("text"), params.load("train"), params.load("tokenize")
     files = {"manifest_path": args.manifest, "whisper_path": args.whisper, "text_path": args.text, "s3_path": args.s3}
     variants = [*tr.variants, *tr.finetune]
     result = evaluate.run(files, args.train_s3, {v: f"{args.models_dir}/{v}" for v in variants}, t.model,
                           tr.seed, p.batch_size,
-                          p.attention_utterances, args.metrics, args.plots_dir, tr.device, p.buffer_rows)
+                          p.attention_utterances, args.metrics, args.plots_dir, tr.device, p.buffer_rows,
+                          {tk.model: args.train_codes} if args.train_codes else None, p.free_utterances,
+                          p.free_top_k)
     for k in ("targets", "top1_acc", "change_top1_acc", "nll", "text_only_change_top1_acc", "text_only_nll",
-              "shuffled_speech_change_top1_acc", "shuffled_speech_nll", "copy_prev_top1_acc"):
+              "shuffled_speech_change_top1_acc", "shuffled_speech_nll", "copy_prev_top1_acc",
+              f"{tk.model}_nll", f"{tk.model}_gap_closed_nll", f"{tk.model}_bitrate_bps", "free_uer", "text_only_free_uer"):
         print(f"{k}: {result.get(k)}")
 
 

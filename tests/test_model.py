@@ -206,13 +206,12 @@ def test_pretrained_aggregator_aligns_text_to_speech(tiny_whisper, tiny_tables):
 def test_text_dropout_acts_only_in_training():
     model, batch = _model("taste", text_dropout=0.999), _batch()
     mask = torch.arange(40)[None] < batch["frame_len"][:, None]
-    args = (batch["text_emb"], batch["mid"], batch["last"], mask)
-    evaluated = model.prefix(*args)
+    evaluated, _ = model.prefix(batch)
     model.train()
     torch.manual_seed(0)
-    trained = model.prefix(*args)
+    trained, _ = model.prefix(batch)
     w = model.fusion_logits.softmax(0)
-    speech_only = w[1] * model.speech_branch(model.speech_vectors(*args[:3], mask))
+    speech_only = w[1] * model.speech_branch(model.speech_vectors(batch["text_emb"], batch["mid"], batch["last"], mask))
     torch.testing.assert_close(trained, speech_only)
     assert not torch.allclose(evaluated, speech_only)
 

@@ -36,10 +36,12 @@ def repo(tmp_path_factory):
                            test_voices=["en-us+m3"])
     p["s3"].update(standin_units=16)
     p["train"].update(epochs=2, batch_size=2, d_model=32, n_heads=2, n_layers=1, d_ff=64, agg_layers=1, warmup_steps=2,
-                      val_speakers=1, finetune={"taste_ft": {"model": "taste", "init": "text_only", "epochs": 1}},
+                      val_speakers=1, rvq_codebook_size=16, rvq_levels=2,
+                      finetune={"taste_ft": {"model": "taste", "init": "text_only", "epochs": 1},
+                                "taste_rvq": {"model": "taste_rvq", "init": "taste", "epochs": 1}},
                       device="auto")  # resolved in train and in evaluate (cpu here, cuda where there is one)
     p["s3"].update(device="auto")
-    p["evaluate"].update(attention_utterances=1)
+    p["evaluate"].update(attention_utterances=1, free_utterances=2)
     (repo / "params.yaml").write_text(yaml.safe_dump(p))
     _run(["git", "init", "-q"], repo)
     _run(["dvc", "init", "-q"], repo)
@@ -156,3 +158,56 @@ def test_experiment_with_a_changed_param_is_listed(repo):
     lr = [e["data"]["params"]["params.yaml"]["data"]["train"]["lr"] for e in exps if e.get("name") == "lr-test"]
     assert lr == [0.002]
     assert "Running stage 'train@taste'" not in _run(["dvc", "repro"], repo)  # the workspace holds the exp's result
+
+
+def test_tokenize_tables_and_the_quantizer_metrics(repo):
+    import json
+
+    for split in ("sample-train", "sample-test"):
+        codes = tables.read_codes(repo / f"data/features/taste/{split}.parquet")
+        manifest = tables.read_manifest(repo / f"data/resampled/{split}/manifest.parquet")
+        assert codes.column("utt_id").to_pylist() == manifest.column("utt_id").to_pylist()
+        assert codes.schema.field("codes").type.value_type.list_size == 2
+    m = json.loads((repo / "metrics/eval.json").read_text())
+    assert m["taste_rvq_bits_per_token"] == 2 * 4
+    assert m["taste_rvq_bitrate_bps"] == pytest.approx(8 * m["text_tokens_per_s"])
+    assert 0 <= m["taste_rvq_dead_code_share"] < 1 and 1 <= m["taste_rvq_codebook_perplexity_l1"] <= 16
+    for prefix in ("", "text_only_", "speech_frames_", "taste_rvq_"):
+        assert m[f"{prefix}free_uer"] >= 0 and 0 <= m[f"{prefix}free_no_end"] <= 1, prefix
+    assert "taste_rvq_gap_closed_nll" in m and m["free_utterances"] == 2
+    dag = _run(["dvc", "dag", "--dot"], repo)
+    assert '"finetune@taste_rvq" -> "tokenize@sample-train"' in dag and '"tokenize@sample-train" -> "evaluate"' in dag
+
+
+def test_the_api_and_cli_round_trip_on_an_utterance_the_pipeline_never_saw(repo, tmp_path):
+    """A sentence and a voice in neither split, at 22.05 kHz stereo: encode -> codes -> decode -> units."""
+    import json
+
+    import numpy as np
+    import soundfile as sf
+
+    from taste_pipeline import corpus
+    from taste_pipeline.tokenizer import TasteTokenizer
+
+    engine = corpus.Espeak()
+    engine.set_voice("en-gb-scotland")  # not among the fixture's voices
+    text = "the purple kettle whispered to a sleepy lighthouse"
+    mono = engine.synth(text, 170, 50, 50).astype(np.float32) / 32768
+    wav = tmp_path / "new.wav"
+    sf.write(wav, np.stack([mono, mono * 0.5], axis=1), engine.sample_rate)
+    seen = tables.read_manifest(repo / "data/resampled/sample-train/manifest.parquet").column("text").to_pylist()
+    assert text.upper() not in seen
+    tok = TasteTokenizer.load(repo / "models/taste_rvq")
+    codes = tok.encode(wav, text)
+    assert codes.shape == (len(tok.text_tokens(text)), 2) and codes.min() >= 0 and codes.max() < 16
+    units = tok.decode(codes, text, max_units=300)
+    assert 0 < len(units) <= 300
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    enc = subprocess.run([sys.executable, "-m", "taste_pipeline.tokenizer", "encode", "--model", "models/taste_rvq",
+                          str(wav), text], cwd=repo, env=env, capture_output=True, text=True, check=True)
+    out = json.loads(enc.stdout)
+    assert out["codes"] == codes.tolist()
+    dec = subprocess.run([sys.executable, "-m", "taste_pipeline.tokenizer", "decode", "--model", "models/taste_rvq",
+                          "--codes", enc.stdout, "--max-units", "300", text], cwd=repo, env=env, capture_output=True,
+                         text=True, check=True)
+    assert json.loads(dec.stdout)["units"] == units

@@ -37,24 +37,27 @@ class Split:
     Every row group is validated as it is read.
     """
 
-    def __init__(self, manifest_path, whisper_path, text_path, s3_path):
+    def __init__(self, manifest_path, whisper_path, text_path, s3_path=None):
+        """Without ``s3_path`` (tokenizing) every utterance has no target units."""
         manifest = tables.read_manifest(manifest_path)
-        s = tables.read_s3(s3_path)
-        self.meta = {k.decode(): v.decode() for k, v in (s.schema.metadata or {}).items()}
+        s = tables.read_s3(s3_path) if s3_path is not None else None
+        self.meta = {k.decode(): v.decode() for k, v in (s.schema.metadata or {}).items()} if s is not None else {}
         self.utt_ids = manifest.column("utt_id").to_pylist()
         self.speaker_ids = manifest.column("speaker_id").to_pylist()
         self.texts = manifest.column("text").to_pylist()
         self.paths = {"whisper": str(whisper_path), "text": str(text_path)}
         self.reopen()
         self.validators = {"whisper": tables.validate_whisper, "text": tables.validate_text}
-        s_pos = self._positions("s3", s.column("utt_id").to_pylist(), manifest_path)
         t = self.files["text"].read(columns=["utt_id", "token_ids"])
         t_pos = self._positions("text", t.column("utt_id").to_pylist(), manifest_path)
         w_pos = self._positions("whisper", self.files["whisper"].read(columns=["utt_id"]).column("utt_id").to_pylist(),
                                 manifest_path)
         # Where each utterance sits in the big tables: (row group, row within it).
         self.where = {name: self._row_groups(self.files[name], pos) for name, pos in (("whisper", w_pos), ("text", t_pos))}
-        self._units = self._slices(s.column("tokens"), s_pos)
+        if s is not None:
+            self._units = self._slices(s.column("tokens"), self._positions("s3", s.column("utt_id").to_pylist(), manifest_path))
+        else:
+            self._units = [np.zeros(0, np.int32)] * len(self.utt_ids)
         self._token_ids = self._slices(t.column("token_ids"), t_pos)
 
     def reopen(self) -> None:
@@ -99,6 +102,16 @@ class Split:
         return meta[b"text.model"].decode() if b"text.model" in meta else None
 
     @property
+    def feature_meta(self) -> dict[str, str]:
+        """What made the features (the whisper and text tables' metadata: models, layers, case), which a
+        checkpoint keeps so the tokenizer can make the same features from new audio."""
+        out = {}
+        for name in ("whisper", "text"):
+            meta = self.files[name].schema_arrow.metadata or {}
+            out.update({k.decode(): v.decode() for k, v in meta.items() if k.decode().startswith(f"{name}.")})
+        return out
+
+    @property
     def widths(self) -> tuple[int, int]:
         """(text embedding width, Whisper width)."""
         width = lambda name, col: self.files[name].schema_arrow.field(col).type.value_type.list_size  # noqa: E731
@@ -106,6 +119,9 @@ class Split:
 
     def num_units(self, i: int) -> int:
         return len(self._units[i])
+
+    def num_text_tokens(self, i: int) -> int:
+        return len(self._token_ids[i])
 
     def units(self, i: int) -> np.ndarray:
         return self._units[i]
@@ -153,6 +169,9 @@ class InMemory:
 
     def num_units(self, i: int) -> int:
         return len(self.items[i].units)
+
+    def num_text_tokens(self, i: int) -> int:
+        return len(self.items[i].token_ids)
 
     def units(self, i: int) -> np.ndarray:
         return self.items[i].units.numpy()

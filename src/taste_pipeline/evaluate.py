@@ -1,5 +1,7 @@
-"""Stage evaluate: teacher-forced scores of taste, text_only and the shuffled-speech control on the
-test split, the trivial baselines, and the plots (PNG plus DVC plot data)."""
+"""Stage evaluate: on the test split, teacher-forced scores of every variant (taste, text_only, the
+topline, taste_rvq, ...) and the shuffled-speech control, free-running scores (units generated from
+text + speech or codes), the bitrate and codebook health of the quantized variants, the trivial
+baselines, and the plots (PNG plus DVC plot data)."""
 
 from __future__ import annotations
 
@@ -35,9 +37,75 @@ def attention(model, ex: data.Example) -> np.ndarray:
     return w.float().cpu().numpy()
 
 
+def _eval_batches(test, batch_size: int, buffer_rows: int, device: str):
+    """(indices, batch on ``device``) in the fixed, length-sorted evaluation order."""
+    test = data.as_subset(test)
+    for window in data.batches(test, batch_size, buffer_rows=buffer_rows):
+        ex = test.source.examples([i for group in window for i in group])
+        for group in window:
+            yield group, data.to_device(data.collate([ex[i] for i in group]), device)
+
+
+# Free-running generation stops at END or at this many times the batch's longest target (+ 1 s):
+# far past any sane length, so a model that never says END shows as no_end, not as a long run.
+GENERATE_SLACK = 2.0
+
+
+def spread(n: int, k: int) -> list[int]:
+    """``k`` indices evenly spread over ``range(n)`` (every voice of a speaker-sorted split), all if k >= n."""
+    return list(range(n)) if k >= n else sorted({int(round(x)) for x in np.linspace(0, n - 1, k)})
+
+
+@torch.no_grad()
+def generate_all(model, test, batch_size: int, device: str = "cpu", buffer_rows: int = 0, top_k: int | None = None,
+                 seed: int = 0) -> list[tuple[np.ndarray, bool]]:
+    """Free-running units for each test utterance (in its order) and whether it hit the cap: sampled from
+    the ``top_k`` likeliest with a generator seeded with ``seed`` (greedy when None)."""
+    model.eval()
+    g = torch.Generator(device=device).manual_seed(seed)
+    out = {}
+    for group, batch in _eval_batches(test, batch_size, buffer_rows, device):
+        cap = min(int(GENERATE_SLACK * int(batch["unit_len"].max())) + 50, model.cfg.max_len - 1)
+        for i, units in zip(group, model.generate(batch, max_units=cap, top_k=top_k, generator=g)):
+            out[i] = (units.cpu().numpy(), len(units) >= cap)
+    return [out[i] for i in data.as_subset(test).indices]
+
+
+@torch.no_grad()
+def encode_all(model, test, batch_size: int, device: str = "cpu", buffer_rows: int = 0) -> np.ndarray:
+    """taste_rvq: the codes of every text token of the test split, (tokens, levels)."""
+    model.eval()
+    codes = [model.encode(batch)[m].cpu().numpy() for _, batch in _eval_batches(test, batch_size, buffer_rows, device)
+             for m in [torch.arange(batch["text_emb"].shape[1], device=device)[None] < batch["text_len"][:, None]]]
+    return np.concatenate(codes)
+
+
+def quantizer_metrics(model, test, batch_size: int, device: str, buffer_rows: int, tokens_per_s: float,
+                      train_codes: str | None = None) -> dict:
+    """Bitrate and codebook health of a quantized variant: bits per token and per second of test audio,
+    per-level usage and perplexity of its codes on the test split, and with ``train_codes`` (the
+    tokenize table of the train split) the share of each level's codes never used on all of train."""
+    cfg = model.cfg
+    out = {"bits_per_token": cfg.bits_per_token, "bitrate_bps": tokens_per_s * cfg.bits_per_token}
+    out.update(metrics.codebook_stats(encode_all(model, test, batch_size, device, buffer_rows), cfg.rvq_codebook_size,
+                                      "codebook_"))
+    if train_codes:
+        t = tables.read_codes(train_codes)
+        codes = np.concatenate([tables.row_matrix(t, "codes", i) for i in range(t.num_rows)])
+        dead = [float(np.mean(np.bincount(codes[:, k], minlength=cfg.rvq_codebook_size) == 0))
+                for k in range(codes.shape[1])]
+        out.update({f"dead_codes_l{k + 1}": d for k, d in enumerate(dead)})
+        out["dead_code_share"] = float(np.mean(dead))
+    return out
+
+
 def run(test_files: dict, train_s3: str, model_dirs: dict[str, str], text_model: str, seed: int,
         batch_size: int, attention_utterances: int, metrics_path: str, plots_dir: str, device: str = "cpu",
-        buffer_rows: int = 0) -> dict:
+        buffer_rows: int = 0, train_codes: dict[str, str] | None = None, free_utterances: int = 64,
+        free_top_k: int | None = 25) -> dict:
+    """``train_codes``: variant -> its tokenize table of the train split (dead codes). Free-running
+    scores are over ``free_utterances`` test utterances spread over the split, sampled with
+    ``free_top_k`` (greedy decoding of 50 Hz units loops on a repeated unit and never ends)."""
     from . import hardware
     from . import text as text_mod
 
@@ -62,6 +130,16 @@ def run(test_files: dict, train_s3: str, model_dirs: dict[str, str], text_model:
     preds.update(metrics.baseline_preds(units, [np.asarray(t) for t in train_targets]))
 
     scores = {name: metrics.score(p) for name, p in preds.items()}
+    durations = tables.read_manifest(test_files["manifest_path"]).column("duration").to_numpy()
+    tokens_per_s = sum(test.num_text_tokens(i) for i in range(len(test))) / float(np.sum(durations))
+    free = data.Subset(test, spread(len(test), free_utterances))
+    for name, (model, _) in models.items():
+        gen = generate_all(model, free, batch_size, device, buffer_rows, free_top_k, seed)
+        scores[name].update({f"free_{k}": v for k, v in metrics.free_running(
+            [g for g, _ in gen], [test.units(i) for i in free.indices], [c for _, c in gen]).items()})
+        if model.cfg.variant == "taste_rvq":
+            scores[name].update(quantizer_metrics(model, test, batch_size, device, buffer_rows, tokens_per_s,
+                                                  (train_codes or {}).get(name)))
     # The topline: the variant that reads every Whisper frame (speech_frames), when one was trained.
     topline = next((n for n, (_, info) in models.items() if info["model_args"]["variant"] == "speech_frames"), None)
     for name in [n for n in models if n not in ("text_only", topline)] + ["shuffled_speech"]:
@@ -75,6 +153,7 @@ def run(test_files: dict, train_s3: str, model_dirs: dict[str, str], text_model:
         result.update({f"{name}_{k}": v for k, v in scores[name].items() if k != "nll"})
     repeats = np.concatenate([u[1:] == u[:-1] for u in units])
     result.update({"targets": meta["targets"], "num_utterances": len(test), "unit_repeat_rate": float(repeats.mean()),
+                   "text_tokens_per_s": tokens_per_s, "free_utterances": len(free.indices),
                    "fusion_weight_speech": float(models["taste"][0].fusion_logits.detach().softmax(0)[1]),
                    "best_epoch": {n: info["best"]["epoch"] for n, (_, info) in models.items()}})
     _write_json(Path(metrics_path), result)

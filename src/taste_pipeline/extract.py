@@ -1,4 +1,4 @@
-"""The one loop every per-utterance extraction stage runs (whisper, s3; the tokenizer stage to come).
+"""The one loop every per-utterance extraction stage runs (whisper, s3, tokenize).
 
 A stage supplies what is its own: the table's schema and metadata, what its rows depend on (the
 fingerprint), and ``encode(rows, audios) -> columns`` for one row group. This module does the rest,
@@ -43,11 +43,13 @@ def row_groups(n: int, size: int) -> list[slice]:
 
 def run(stage: str, manifest_path: str | Path, out_path: str | Path, schema: pa.Schema, metadata: dict[str, str],
         settings, encode: Encode, rows_per_group: int, partial_dir: str | Path | None = None,
-        ranks: Ranks | None = None, files: list[Path] = ()) -> int:
+        ranks: Ranks | None = None, files: list[Path] = (), needs_audio: bool = True) -> int:
     """Write ``out_path`` from the manifest through ``encode``; returns the number of rows.
 
     ``encode`` gets a group's manifest rows and their audio and returns the table's columns other than
-    ``utt_id`` (which comes from the rows, so a table can't drift from its manifest's order).
+    ``utt_id`` (which comes from the rows, so a table can't drift from its manifest's order). A stage
+    that reads other tables instead of the audio (tokenize) says ``needs_audio=False`` and gets None
+    for each utterance's audio.
     """
     from tqdm import tqdm
 
@@ -68,7 +70,8 @@ def run(stage: str, manifest_path: str | Path, out_path: str | Path, schema: pa.
                 if ranks.owns(group):
                     bar.update(sum(r["num_samples"] for r in rows))
                 continue
-            columns = encode(rows, [audio.load_utterance(manifest_path.parent, r) for r in rows])
+            audios = [audio.load_utterance(manifest_path.parent, r) if needs_audio else None for r in rows]
+            columns = encode(rows, audios)
             writer.write({"utt_id": [r["utt_id"] for r in rows], **columns}, group)
             bar.update(sum(r["num_samples"] for r in rows))
         if writer.resumed_groups:

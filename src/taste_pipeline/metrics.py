@@ -1,4 +1,5 @@
-"""Teacher-forced evaluation metrics, trivial baselines and the plots people look at.
+"""Evaluation metrics (teacher-forced and free-running), codebook health, trivial baselines and the
+plots people look at.
 
 Units at 50 Hz repeat a lot, so "copy the previous unit" already scores well on overall top-1.
 ``change_top1_acc`` scores only positions whose target differs from the previous target: that is
@@ -51,6 +52,37 @@ def gap_metrics(v: dict, text_only: dict, topline: dict | None) -> dict:
         for k in ("nll", "top1_acc", "change_top1_acc"):
             gap = topline[k] - text_only[k]
             out[f"gap_closed_{k}"] = (v[k] - text_only[k]) / gap if gap else float("nan")
+    return out
+
+
+def free_running(generated: list[np.ndarray], targets: list[np.ndarray], capped: list[bool]) -> dict:
+    """Units generated from text (+ speech or codes) against the targets, no teacher forcing.
+
+    ``uer``: unit error rate, edit distance (jiwer, each unit a word) / target units, over the split.
+    ``length_error``: mean |generated - target| / target units per utterance (duration, 20 ms a unit);
+    ``length_ratio``: mean generated / target. ``no_end``: share of utterances stopped at the cap
+    before END (their length error is a floor).
+    """
+    import jiwer
+
+    words = lambda u: " ".join(f"u{int(x)}" for x in u)  # noqa: E731
+    out = jiwer.process_words([words(t) for t in targets], [words(g) for g in generated])
+    n_ref = sum(len(t) for t in targets)
+    errors = out.substitutions + out.deletions + out.insertions
+    ratio = np.array([len(g) / len(t) for g, t in zip(generated, targets)])
+    return {"uer": errors / n_ref, "length_error": float(np.mean(np.abs(ratio - 1))),
+            "length_ratio": float(np.mean(ratio)), "no_end": float(np.mean(capped))}
+
+
+def codebook_stats(codes: np.ndarray, codebook_size: int, prefix: str = "") -> dict:
+    """Per residual-VQ level of ``codes`` (tokens, levels): share of the codebook used at least once, and
+    the perplexity of the code distribution (exp of its entropy; codebook_size = all used equally)."""
+    out = {}
+    for level in range(codes.shape[1]):
+        counts = np.bincount(codes[:, level], minlength=codebook_size)
+        p = counts[counts > 0] / counts.sum()
+        out[f"{prefix}usage_l{level + 1}"] = float(np.mean(counts > 0))
+        out[f"{prefix}perplexity_l{level + 1}"] = float(np.exp(-(p * np.log(p)).sum()))
     return out
 
 

@@ -8,6 +8,9 @@ the values come from another layer than the one it was trained on.
 
 Fusion: TASTE's weighted sum of a text branch and a speech branch with two softmax-normalised weights.
 ``text_only`` is the same model without the speech branch: it never reads speech features.
+``taste_rvq`` is taste with a residual vector quantizer on the speech vectors (TASTE's tokenizer): a few
+discrete codes per text token, from which alone the decoder rebuilds the units (``encode``; ``generate``
+with ``codes``).
 ``speech_frames`` is the topline (TASTE's "encoder only, 50 Hz"): text_only's decoder plus, at every
 unit position, the Whisper frame of that time (mid and last layers, projected). It bounds what speech
 can add; taste must get its speech through one vector per text token instead.
@@ -25,7 +28,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-VARIANTS = ("taste", "text_only", "speech_frames")
+VARIANTS = ("taste", "text_only", "speech_frames", "taste_rvq")
+# The variants with an aggregator (one speech vector per text token); taste_rvq quantizes the vectors.
+AGGREGATING = ("taste", "taste_rvq")
 
 
 class ConfigError(ValueError):
@@ -56,6 +61,9 @@ class ModelArgs:
     # mid-layer frames, after v_proj/out_proj); "residual": the aggregator's final hidden state, which
     # also carries the token's text identity through the residual stream.
     agg_output: str = "attention"
+    # Add to each speech vector where its token read: the value layers' attention over the frames' Whisper
+    # sinusoids (the unit clock's basis), so the vector states its word's time span, not only its sound.
+    agg_time_code: bool = False
     d_model: int = 192
     n_heads: int = 4
     n_layers: int = 3
@@ -69,9 +77,19 @@ class ModelArgs:
     # decoder has to learn to read the speech vectors instead of memorizing from text alone.
     text_dropout: float = 0.0
     dropout: float = 0.1
+    # taste_rvq: a residual VQ (vector-quantize-pytorch, as TASTE) turns each speech vector into
+    # rvq_levels codes of rvq_codebook_size entries: EMA codebooks k-means-initialised on the first batch,
+    # codes whose EMA use falls under rvq_dead_code replaced by batch vectors, the commitment loss
+    # (weight rvq_commitment) added to the loss, and quantizer dropout (train on a random 1..n_q levels).
+    rvq_levels: int = 4
+    rvq_codebook_size: int = 512
+    rvq_commitment: float = 1.0
+    rvq_decay: float = 0.99
+    rvq_dead_code: float = 0.05
+    rvq_dropout: bool = True
 
     def check(self) -> None:
-        for name in ("d_model", "n_heads", "n_layers", "d_ff", "agg_layers", "max_len"):
+        for name in ("d_model", "n_heads", "n_layers", "d_ff", "agg_layers", "max_len", "rvq_levels"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}: must be at least 1, got {getattr(self, name)}")
         if self.d_model % self.n_heads:
@@ -79,6 +97,13 @@ class ModelArgs:
         for name in ("text_dropout", "dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}: must be in [0, 1), got {getattr(self, name)}")
+        if self.rvq_codebook_size < 2:
+            raise ConfigError(f"train.rvq_codebook_size: must be at least 2, got {self.rvq_codebook_size}")
+        if not 0 < self.rvq_decay < 1:
+            raise ConfigError(f"train.rvq_decay: must be in (0, 1), got {self.rvq_decay}")
+        for name in ("rvq_commitment", "rvq_dead_code"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name}: must be 0 or more, got {getattr(self, name)}")
         if not 1 <= self.agg_value_layers <= self.agg_layers:
             raise ConfigError(f"train.agg_value_layers: {self.agg_value_layers} is not in 1..train.agg_layers ({self.agg_layers})")
         for name, allowed in (("agg_output", AGG_OUTPUTS), ("unit_positions", UNIT_POSITIONS), ("agg_init", AGG_INITS)):
@@ -107,6 +132,11 @@ class ModelConfig(ModelArgs):
     def build(cls, args: ModelArgs, **rest) -> "ModelConfig":
         """The config for ``args`` (any ModelArgs, the train params included) and the other fields."""
         return cls(**{f.name: getattr(args, f.name) for f in fields(ModelArgs)}, **rest)
+
+    @property
+    def bits_per_token(self) -> float:
+        """taste_rvq: bits of speech per text token (levels x log2 codebook size); 0 for the others."""
+        return self.rvq_levels * math.log2(self.rvq_codebook_size) if self.variant == "taste_rvq" else 0.0
 
     @property
     def end_id(self) -> int:
@@ -138,18 +168,27 @@ class Attention(nn.Module):
         self.last_weights: torch.Tensor | None = None  # (B, heads, Lq, Lk) when keep_weights
         self.keep_weights = False
 
-    def forward(self, x, keys=None, values=None, key_mask=None, causal=False, cache: dict | None = None):
-        """``cache`` (self-attention while generating): keys and values of earlier positions, extended
-        in place; ``x`` then holds only the new positions, which come after them."""
+    def forward(self, x, keys=None, values=None, key_mask=None, causal=False, cache: dict | None = None,
+                also: torch.Tensor | None = None):
+        """``cache`` (self-attention while generating): keys and values of earlier positions, written in
+        place into buffers of ``cache["capacity"]`` positions (growing them by concatenation copied the
+        whole cache every step: generation went quadratic); ``x`` then holds only the new positions,
+        which come after them. ``also`` (B, Lk, C):
+        a second, unprojected value source read with the same attention, mean over heads; then the
+        result is (output, that read)."""
         keys = x if keys is None else keys
         values = keys if values is None else values
         B, Lq, D = x.shape
         split = lambda t: t.view(B, t.shape[1], self.heads, D // self.heads).transpose(1, 2)  # noqa: E731
         q, k, v = split(self.q_proj(x)), split(self.k_proj(keys)), split(self.v_proj(values))
         if cache is not None:
-            if cache:
-                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
-            cache["k"], cache["v"] = k, v
+            if "k" not in cache:
+                shape = (B, self.heads, cache["capacity"], D // self.heads)
+                cache["k"], cache["v"], cache["n"] = k.new_empty(shape), v.new_empty(shape), 0
+            n = cache["n"]
+            cache["k"][:, :, n : n + Lq], cache["v"][:, :, n : n + Lq] = k, v
+            cache["n"] = n + Lq
+            k, v = cache["k"][:, :, : n + Lq], cache["v"][:, :, : n + Lq]
         past = k.shape[2] - Lq  # positions before the first query (0 without a cache)
         mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, Lk) True = real frame
         if causal and (mask is not None or self.keep_weights or past):
@@ -162,7 +201,11 @@ class Attention(nn.Module):
             self.last_weights = w.softmax(-1).detach()
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            dropout_p=self.dropout if self.training else 0.0)
-        return self.out_proj(y.transpose(1, 2).reshape(B, Lq, D))
+        y = self.out_proj(y.transpose(1, 2).reshape(B, Lq, D))
+        if also is None:
+            return y
+        extra = also[:, None].expand(B, self.heads, *also.shape[1:]).to(q.dtype)
+        return y, F.scaled_dot_product_attention(q, k, extra, attn_mask=mask, is_causal=causal).mean(1)
 
 
 class MLP(nn.Module):
@@ -184,12 +227,16 @@ class AggregatorLayer(nn.Module):
         self.encoder_attn = Attention(d, heads, d_audio)
         self.final_layer_norm, self.mlp = nn.LayerNorm(d), MLP(d, d_ff, dropout)
 
-    def forward(self, x, keys, values, frame_mask):
-        """Returns the new hidden state and what the cross-attention read."""
+    def forward(self, x, keys, values, frame_mask, clock=None):
+        """Returns the new hidden state, what the cross-attention read and, given ``clock`` (the frames'
+        time codes), where it read: the same attention over the clock."""
         x = x + self.self_attn(self.self_attn_layer_norm(x), causal=True)
-        read = self.encoder_attn(self.encoder_attn_layer_norm(x), keys, values, key_mask=frame_mask)
+        h = self.encoder_attn_layer_norm(x)
+        read, when = self.encoder_attn(h, keys, values, key_mask=frame_mask, also=clock), None
+        if clock is not None:
+            read, when = read
         x = x + read
-        return x + self.mlp(self.final_layer_norm(x)), read
+        return x + self.mlp(self.final_layer_norm(x)), read, when
 
 
 class Aggregator(nn.Module):
@@ -206,6 +253,10 @@ class Aggregator(nn.Module):
         self.layers = nn.ModuleList(AggregatorLayer(d, cfg.agg_heads, cfg.agg_ffn, d, cfg.dropout)
                                     for _ in range(cfg.agg_layers))
         self.layer_norm = nn.LayerNorm(d)
+        if cfg.agg_time_code:
+            self.register_buffer("frame_clock", sinusoids(cfg.max_len, d), persistent=False)
+            self.time_proj = nn.Linear(d, d)
+        self.time_code = cfg.agg_time_code
         self.value_layers = cfg.agg_value_layers
         self.freeze_alignment = cfg.agg_freeze_alignment
         self.output = cfg.agg_output
@@ -217,12 +268,17 @@ class Aggregator(nn.Module):
             raise ValueError(f"{L} text tokens exceed the aggregator's {len(self.positions) - self.num_prefix} positions")
         x = x + self.positions[: L + self.num_prefix]
         first_mid = len(self.layers) - self.value_layers
-        reads = []
+        clock = self.frame_clock[: last.shape[1]].expand(B, -1, -1) if self.time_code else None
+        reads, whens = [], []
         for i, layer in enumerate(self.layers):
-            x, read = layer(x, last, mid if i >= first_mid else last, frame_mask)
-            if i >= first_mid:
+            value_layer = i >= first_mid
+            x, read, when = layer(x, last, mid if value_layer else last, frame_mask, clock if value_layer else None)
+            if value_layer:
                 reads.append(read)
+                whens.append(when)
         out = torch.stack(reads).sum(0) if self.output == "attention" else self.layer_norm(x)
+        if self.time_code:
+            out = out + self.time_proj(torch.stack(whens).mean(0).to(out.dtype))
         return out[:, self.num_prefix :]
 
     @torch.no_grad()
@@ -281,10 +337,17 @@ class TasteModel(nn.Module):
             raise ConfigError(f"train.variants: model {cfg.variant!r} is not one of {VARIANTS}")
         self.cfg = cfg
         self.text_branch = nn.Linear(cfg.d_query, cfg.d_model)
-        if cfg.variant == "taste":
+        if cfg.variant in AGGREGATING:
             self.aggregator = Aggregator(cfg)
             self.speech_branch = nn.Linear(cfg.d_audio, cfg.d_model)
             self.fusion_logits = nn.Parameter(torch.zeros(2))  # softmax -> equal weights at the start
+        if cfg.variant == "taste_rvq":
+            from vector_quantize_pytorch import ResidualVQ
+
+            self.quantizer = ResidualVQ(
+                dim=cfg.d_audio, num_quantizers=cfg.rvq_levels, codebook_size=cfg.rvq_codebook_size,
+                decay=cfg.rvq_decay, kmeans_init=True, kmeans_iters=10, threshold_ema_dead_code=cfg.rvq_dead_code,
+                commitment_weight=cfg.rvq_commitment, quantize_dropout=cfg.rvq_dropout)
         if cfg.variant == "speech_frames":
             self.frame_proj = nn.Linear(2 * cfg.d_audio, cfg.d_model)
         self.unit_emb = nn.Embedding(cfg.vocab_size + 2, cfg.d_model)
@@ -305,17 +368,70 @@ class TasteModel(nn.Module):
         """One vector per text token: (B, L, d_audio)."""
         return self.aggregator(text_emb, mid, last, frame_mask)
 
-    def prefix(self, text_emb, mid=None, last=None, frame_mask=None):
-        """Fused text-length prefix (B, L, d_model). Only taste reads mid/last here."""
-        text = self.text_branch(text_emb)
-        if self.cfg.variant != "taste":
-            return text
-        speech = self.speech_branch(self.speech_vectors(text_emb, mid, last, frame_mask))
+    def quantize(self, vectors, text_mask):
+        """taste_rvq: (quantized vectors, codes (B, L, n_q), commitment loss). Outside autocast: the
+        nearest-code search and the EMA updates need float32. Padded tokens neither train the codebooks
+        nor count in the loss; their codes are -1 (so are the levels quantizer dropout skipped)."""
+        with torch.autocast(vectors.device.type, enabled=False):
+            q, codes, commit = self.quantizer(vectors.float(), mask=text_mask)
+        return q, codes.masked_fill(~text_mask[..., None], -1), commit.sum()
+
+    @property
+    def codebooks_ready(self) -> bool:
+        """taste_rvq: whether every level's codebook has been k-means-initialised."""
+        return all(bool(vq._codebook.initted) for vq in self.quantizer.layers)
+
+    @torch.no_grad()
+    def init_codebooks(self, vectors: torch.Tensor) -> None:
+        """k-means-initialise every level on ``vectors`` (N, d_audio), level k on the residuals the
+        levels before it leave. Left to the library, each level would be initialised on the first
+        training batch: a few hundred vectors for 512 codes, most of them duplicates."""
+        was_training, dropout = self.quantizer.training, self.quantizer.quantize_dropout
+        self.quantizer.train()
+        self.quantizer.quantize_dropout = False  # every level must see its residuals
+        try:
+            self.quantizer(vectors.float()[None])
+        finally:
+            self.quantizer.train(was_training)
+            self.quantizer.quantize_dropout = dropout
+
+    def encode(self, batch: dict) -> torch.Tensor:
+        """taste_rvq: the codes of each text token, (B, L, n_q), -1 at padding. Call in eval mode."""
+        if self.cfg.variant != "taste_rvq":
+            raise ValueError(f"a {self.cfg.variant} model has no quantizer: only taste_rvq gives codes")
+        return self.speech(batch)[1]
+
+    def speech(self, batch: dict):
+        """(speech vectors (B, L, d_audio), codes or None, auxiliary loss) of an aggregating variant. A
+        batch with ``codes`` (taste_rvq) is decoded from them instead of from the Whisper states."""
+        text_emb, text_len = batch["text_emb"], batch["text_len"]
+        dev = text_emb.device
+        text_mask = torch.arange(text_emb.shape[1], device=dev)[None] < text_len[:, None]
+        zero = torch.zeros((), device=dev)
+        if batch.get("codes") is not None:
+            if self.cfg.variant != "taste_rvq":
+                raise ValueError(f"a {self.cfg.variant} model has no quantizer to decode codes with")
+            codes = batch["codes"]
+            return self.quantizer.get_output_from_indices(codes.clamp(min=0)) * text_mask[..., None], codes, zero
+        frame_mask = torch.arange(batch["mid"].shape[1], device=dev)[None] < batch["frame_len"][:, None]
+        vectors = self.speech_vectors(text_emb, batch["mid"], batch["last"], frame_mask)
+        if self.cfg.variant != "taste_rvq":
+            return vectors, None, zero
+        return self.quantize(vectors, text_mask)
+
+    def prefix(self, batch: dict):
+        """Fused text-length prefix (B, L, d_model) and the auxiliary loss (the commitment loss of
+        taste_rvq, else 0). Only the aggregating variants read the speech here."""
+        text = self.text_branch(batch["text_emb"])
+        if self.cfg.variant not in AGGREGATING:
+            return text, torch.zeros((), device=text.device)
+        vectors, _, aux = self.speech(batch)
+        speech = self.speech_branch(vectors)
         w = self.fusion_logits.softmax(0)
         if self.training and self.cfg.text_dropout > 0:
             keep = torch.rand(text.shape[0], 1, 1, device=text.device) >= self.cfg.text_dropout
             text = text * keep
-        return w[0] * text + w[1] * speech
+        return w[0] * text + w[1] * speech, aux
 
     def frame_inputs(self, batch: dict, steps: int) -> torch.Tensor:
         """speech_frames only: (B, steps, d_model), the projected Whisper frame r for unit-stream input r
@@ -351,11 +467,7 @@ class TasteModel(nn.Module):
         B, L, _ = text_emb.shape
         T = units.shape[1]
         dev = text_emb.device
-        if self.cfg.variant == "taste":
-            frame_mask = torch.arange(batch["mid"].shape[1], device=dev)[None] < batch["frame_len"][:, None]
-            prefix = self.prefix(text_emb, batch["mid"], batch["last"], frame_mask)
-        else:
-            prefix = self.prefix(text_emb)
+        prefix, aux = self.prefix(batch)
         # Each item's sequence is [its L_i prefix vectors, TASK, u_1 .. u_T]; items are packed to the left
         # so every item's units start right after its own prefix (no gap for causal attention to see).
         task = self.unit_emb(torch.full((B, 1), self.cfg.task_id, device=dev))
@@ -386,6 +498,8 @@ class TasteModel(nn.Module):
         idx = (start[:, None] + torch.arange(T + 1, device=dev)[None]).clamp(max=S - 1)
         logits = self.head(h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1])))
         ce = F.cross_entropy(logits.float().transpose(1, 2), self.targets(batch), ignore_index=-100)
+        if self.cfg.variant == "taste_rvq":
+            return logits, {"ce": ce, "commit": aux, "loss": ce + aux}
         return logits, {"ce": ce, "loss": ce}
 
     def unit_position(self, rel: torch.Tensor) -> torch.Tensor:
@@ -398,7 +512,8 @@ class TasteModel(nn.Module):
     @torch.no_grad()
     def generate(self, batch: dict, max_units: int | None = None, top_k: int | None = None,
                  temperature: float = 1.0, generator: torch.Generator | None = None) -> list[torch.Tensor]:
-        """Free-running units for each item of ``batch`` (its text, and speech for taste; no units),
+        """Free-running units for each item of ``batch`` (its text, and its speech for taste, or its
+        ``codes`` or speech for taste_rvq; no units),
         one at a time with a key/value cache, until END or ``max_units``. Greedy unless ``top_k``:
         then sampled from the ``top_k`` likeliest (``generator`` makes it repeatable). Call in eval mode.
 
@@ -409,11 +524,7 @@ class TasteModel(nn.Module):
         B, L, _ = text_emb.shape
         dev = text_emb.device
         max_units = min(max_units or self.cfg.max_len - 1, self.cfg.max_len - 1)
-        if self.cfg.variant == "taste":
-            frame_mask = torch.arange(batch["mid"].shape[1], device=dev)[None] < batch["frame_len"][:, None]
-            prefix = self.prefix(text_emb, batch["mid"], batch["last"], frame_mask)
-        else:
-            prefix = self.prefix(text_emb)
+        prefix, _ = self.prefix(batch)
         pos = torch.arange(L + 1, device=dev)[None].expand(B, L + 1)
         is_prefix = pos < text_len[:, None]
         x = torch.zeros(B, L + 1, self.cfg.d_model, device=dev)
@@ -424,16 +535,19 @@ class TasteModel(nn.Module):
             x[torch.arange(B, device=dev), text_len] += frames[:, 0].float()
         x = x + torch.where(is_prefix[..., None], self.text_pos_emb(pos.clamp(max=self.cfg.max_text - 1)),
                             self.unit_position(torch.zeros_like(pos)))
-        valid = pos <= text_len[:, None]  # the prefix and TASK; later positions are all real
-        caches = [{} for _ in self.blocks]
+        capacity = L + 1 + max_units
+        # The prefix and TASK, then every later position (all real): sliced to the length so far.
+        valid = torch.cat([pos <= text_len[:, None], torch.ones(B, max_units, dtype=torch.bool, device=dev)], dim=1)
+        caches = [{"capacity": capacity} for _ in self.blocks]
+        seen = L + 1
 
         def run(h):
             for block, cache in zip(self.blocks, caches):
-                h = block(h, key_mask=valid, cache=cache)
+                h = block(h, key_mask=valid[:, :seen], cache=cache)
             return self.head(self.ln_f(h))
 
         logits = run(x)[torch.arange(B, device=dev), text_len]  # at TASK: predicts u_1
-        out, done = [[] for _ in range(B)], torch.zeros(B, dtype=torch.bool, device=dev)
+        steps, done = [], torch.zeros(B, dtype=torch.bool, device=dev)
         for t in range(1, max_units + 1):
             logits = logits.float() / temperature
             if top_k is None:
@@ -442,18 +556,19 @@ class TasteModel(nn.Module):
                 kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
                 probs = logits.masked_fill(logits < kth, float("-inf")).softmax(-1)
                 nxt = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            steps.append(nxt.masked_fill(done, self.cfg.end_id))
             done |= nxt == self.cfg.end_id
-            for i in (~done).nonzero()[:, 0].tolist():
-                out[i].append(int(nxt[i]))
             if done.all() or t == max_units:
                 break
             h = self.unit_emb(nxt.clamp(max=self.cfg.vocab_size - 1))[:, None] + self.unit_position(
                 torch.full((B, 1), t, device=dev))
             if frames is not None:
                 h = h + frames[:, t : t + 1]
-            valid = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool, device=dev)], dim=1)
+            seen += 1
             logits = run(h)[:, 0]
-        return [torch.tensor(u, dtype=torch.long) for u in out]
+        units = torch.stack(steps, dim=1).cpu()  # END from an item's first END on
+        return [u[: int((u == self.cfg.end_id).nonzero()[0, 0]) if (u == self.cfg.end_id).any() else len(u)].long()
+                for u in units]
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

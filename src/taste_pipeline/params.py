@@ -159,7 +159,8 @@ class Train(ModelArgs):
 
     variants: dict = field(default_factory=lambda: {"taste": {"model": "taste"}, "text_only": {"model": "text_only"},
                                                     "speech_frames": {"model": "speech_frames"}})
-    finetune: dict = field(default_factory=dict)
+    finetune: dict = field(default_factory=lambda: {"taste_rvq": {"model": "taste_rvq", "init": "taste", "lr": 0.0005,
+                                                                  "epochs": 4, "warmup_steps": 50}})
     lr: float = 1e-3
     epochs: int = 10
     batch_size: int = 16
@@ -228,14 +229,37 @@ class Train(ModelArgs):
 
 
 @dataclass(frozen=True)
+class Tokenize:
+    model: str = "taste_rvq"  # the variant (models/<name>) whose codes the tokenize stage writes
+    batch_size: int = 32
+    device: str = "cpu"
+    rows_per_group: int = 64
+
+    def check(self):
+        for name in ("batch_size", "rows_per_group"):
+            if getattr(self, name) < 1:
+                raise ParamError(f"tokenize.{name}: must be at least 1, got {getattr(self, name)}")
+        _device(self.device, "tokenize.device")
+
+
+@dataclass(frozen=True)
 class Evaluate:
     batch_size: int = 32
     attention_utterances: int = 3
     buffer_rows: int = 2048  # test utterances in memory at once (0: the whole split)
+    free_utterances: int = 64  # test utterances (spread over the split) scored free-running
+    free_top_k: int | None = 25  # free-running units sampled from the k likeliest (CosyVoice's top_k); null: greedy
+
+    def check(self):
+        if self.free_utterances < 1:
+            raise ParamError(f"evaluate.free_utterances: must be at least 1, got {self.free_utterances}")
+        if self.free_top_k is not None and self.free_top_k < 1:
+            raise ParamError(f"evaluate.free_top_k: must be at least 1 or null, got {self.free_top_k}")
 
 
 SECTIONS = {"base": Base, "data": Data, "synthesize": Synthesize, "resample": Resample,
-            "whisper": Whisper, "text": Text, "s3": S3, "train": Train, "evaluate": Evaluate}
+            "whisper": Whisper, "text": Text, "s3": S3, "train": Train, "tokenize": Tokenize,
+            "evaluate": Evaluate}
 
 
 def _coerce(section: str, cls, raw: dict[str, Any], check: bool = True):

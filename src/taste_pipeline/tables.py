@@ -71,9 +71,25 @@ def text_schema(width: int) -> pa.Schema:
 # Targets, 50 Hz. The schema metadata names the tokenizer ("targets") so no stand-in passes for S3.
 S3 = pa.schema([("utt_id", pa.string()), ("num_tokens", pa.int32()), ("tokens", pa.list_(pa.int32()))])
 
+
+
+def codes_schema(levels: int) -> pa.Schema:
+    """TASTE tokens (the tokenize stage): per text token, one row of ``levels`` residual-VQ codes."""
+    return pa.schema(
+        [
+            ("utt_id", pa.string()),
+            ("token_ids", pa.list_(pa.int32())),
+            ("codes", pa.list_(pa.list_(pa.int32(), levels))),
+        ]
+    )
+
+
 # Whisper and text tables carry their widths in their types; these name the fixed part.
 WHISPER_COLUMNS = ("utt_id", "num_frames", "mid", "last")
 TEXT_COLUMNS = ("utt_id", "token_ids", "emb")
+CODES_COLUMNS = ("utt_id", "token_ids", "codes")
+# What a codes table's metadata must state: the model, its quantizer and the bitrate over the split.
+CODES_META = ("tokenizer.model", "rvq_levels", "rvq_codebook_size", "bits_per_token", "text_tokens_per_s", "bitrate_bps")
 
 # Whisper's encoder emits one frame per 320 samples (two 10 ms mel hops) at 16 kHz: 50 frames/s.
 SAMPLE_RATE = 16000
@@ -321,6 +337,33 @@ def validate_s3(table: pa.Table, where: str = "s3 targets") -> pa.Table:
     return table
 
 
+def validate_codes(table: pa.Table, where: str = "taste codes") -> pa.Table:
+    if list(table.schema.names) != list(CODES_COLUMNS):
+        raise SchemaError(f"{where}: columns {table.schema.names}, expected {list(CODES_COLUMNS)}")
+    t = table.schema.field("codes").type
+    if not (pa.types.is_list(t) and pa.types.is_fixed_size_list(t.value_type)):
+        raise SchemaError(f"{where}: column 'codes' has type {t}, expected list<fixed_size_list<int32>>")
+    levels = t.value_type.list_size
+    check_schema(table.schema, codes_schema(levels), where)
+    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    missing = [k for k in CODES_META if k not in meta]
+    if missing:
+        raise SchemaError(f"{where}: metadata lacks {missing}")
+    if int(meta["rvq_levels"]) != levels:
+        raise SchemaError(f"{where}: {levels} codes per token, the metadata says rvq_levels {meta['rvq_levels']}")
+    _unique_ids(table.column("utt_id").to_pylist(), where)
+    ids = table.column("token_ids").combine_chunks().value_lengths().to_numpy(zero_copy_only=False)
+    codes = table.column("codes").combine_chunks()
+    n = codes.value_lengths().to_numpy(zero_copy_only=False)
+    for i in np.nonzero((ids != n) | (ids == 0))[0]:
+        raise SchemaError(f"{where}: utt_id {table.column('utt_id')[int(i)].as_py()!r}: {ids[i]} token ids but {n[i]} rows of codes")
+    values = codes.flatten().flatten().to_numpy(zero_copy_only=False)
+    size = int(meta["rvq_codebook_size"])
+    if len(values) and (values.min() < 0 or values.max() >= size):
+        raise SchemaError(f"{where}: codes outside [0, {size})")
+    return table
+
+
 def read_manifest(path: str | os.PathLike) -> pa.Table:
     return validate_manifest(pq.read_table(path), str(path))
 
@@ -345,6 +388,10 @@ def read_text(path: str | os.PathLike) -> pa.Table:
     return validate_text(pq.read_table(path), str(path))
 
 
+def read_codes(path: str | os.PathLike) -> pa.Table:
+    return validate_codes(pq.read_table(path), str(path))
+
+
 # ---------------------------------------------------------------------------------------------
 # Matrices in and out of Arrow
 
@@ -359,6 +406,17 @@ def matrix_column(mats: list[np.ndarray], width: int) -> pa.Array:
     flat = np.concatenate([m.astype(np.float16).reshape(-1) for m in mats]) if mats else np.zeros(0, np.float16)
     rows = pa.FixedSizeListArray.from_arrays(pa.array(flat, type=pa.float16()), width)
     return pa.ListArray.from_arrays(pa.array(offsets), rows)
+
+
+def code_column(rows: list[np.ndarray], levels: int) -> pa.Array:
+    """List of (tokens x levels) integer arrays -> Arrow list<fixed_size_list<int32>> column."""
+    for r in rows:
+        if r.ndim != 2 or r.shape[1] != levels:
+            raise ValueError(f"expected (tokens, {levels}) codes, got {r.shape}")
+    offsets = np.zeros(len(rows) + 1, dtype=np.int32)
+    offsets[1:] = np.cumsum([r.shape[0] for r in rows])
+    flat = np.concatenate([r.astype(np.int32).reshape(-1) for r in rows]) if rows else np.zeros(0, np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.FixedSizeListArray.from_arrays(pa.array(flat), levels))
 
 
 def row_matrix(table: pa.Table, column: str, i: int) -> np.ndarray:

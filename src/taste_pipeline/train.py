@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from . import hardware
 from .checkpoint import Progress, Resume, save_checkpoint, save_history
 from .data import Example, Loader, as_subset, batches, collate, to_device
-from .model import ModelConfig, TasteModel
+from .model import AGGREGATING, ModelConfig, TasteModel
 from .params import Train
 from .ranks import Ranks
 
@@ -63,6 +63,32 @@ def summarize(preds: list[dict]) -> dict:
     nll = np.concatenate([p["nll"][:-1] for p in preds])
     hit = np.concatenate([p["pred"][:-1] == p["target"][:-1] for p in preds])
     return {"nll": float(nll.mean()), "top1_acc": float(hit.mean())}
+
+
+@torch.no_grad()
+def init_codebooks(model: TasteModel, data, cfg: Train, per_code: int = 8) -> int:
+    """taste_rvq: k-means-initialise the codebooks on the speech vectors of the first ``per_code`` x
+    codebook size text tokens of ``data`` (length-sorted batches, a fixed order); returns how many."""
+    data = as_subset(data)
+    want = per_code * model.cfg.rvq_codebook_size
+    model.eval()
+    got: list[torch.Tensor] = []
+    for window in batches(data, cfg.batch_size, buffer_rows=cfg.buffer_rows):
+        ex = data.source.examples([i for group in window for i in group])
+        for group in window:
+            batch = to_device(collate([ex[i] for i in group]), cfg.device)
+            mask = torch.arange(batch["text_emb"].shape[1], device=cfg.device)[None] < batch["text_len"][:, None]
+            frames = torch.arange(batch["mid"].shape[1], device=cfg.device)[None] < batch["frame_len"][:, None]
+            with autocast(cfg.device, cfg.amp):
+                vectors = model.speech_vectors(batch["text_emb"], batch["mid"], batch["last"], frames)
+            got.append(vectors[mask].float())
+            if sum(len(v) for v in got) >= want:
+                break
+        if sum(len(v) for v in got) >= want:
+            break
+    vectors = torch.cat(got)[:want]
+    model.init_codebooks(vectors)
+    return len(vectors)
 
 
 def lr_at(step: int, total: int, cfg: Train) -> float:
@@ -155,7 +181,9 @@ def fit(model: TasteModel, train_ex, val_ex, cfg: Train, out_dir: str | Path,
     scaler = torch.amp.GradScaler(cfg.device.split(":")[0], enabled=hardware.resolve_amp(cfg.amp, cfg.device) == "float16")
     total = math.ceil(len(train_ex) / cfg.batch_size) * cfg.epochs
     resume = Resume(resume_dir, fp, ranks, cfg.device) if resume_dir is not None else None
-    info = {"seed": cfg.seed, "train": dataclasses.asdict(cfg)}
+    # What made the features and the targets: the tokenizer rebuilds the same features from new audio.
+    info = {"seed": cfg.seed, "train": dataclasses.asdict(cfg), "features": getattr(train_ex.source, "feature_meta", {}),
+            "targets": getattr(train_ex.source, "meta", {}).get("targets", "")}
     loaded = resume.load(model, opt) if resume else None
     prog, best_state = loaded or (Progress(), None)
     if loaded:
@@ -168,6 +196,10 @@ def fit(model: TasteModel, train_ex, val_ex, cfg: Train, out_dir: str | Path,
             save_checkpoint(model, out_dir, {"best": prog.best, **info})
             model.load_state_dict(now)
         print(f"resuming {model.cfg.variant} from {resume_dir}: epoch {prog.epoch}, step {prog.step}")
+    if model.cfg.variant == "taste_rvq" and not model.codebooks_ready:
+        n = init_codebooks(model, train_ex, cfg)
+        if lead:
+            print(f"codebooks: k-means over the speech vectors of {n} text tokens")
     bar = tqdm(total=total, initial=prog.step, desc=f"train {model.cfg.variant}", unit="step", disable=not lead)
     for epoch in range(prog.epoch, cfg.epochs):
         model.train()
@@ -235,7 +267,7 @@ def build_model(model: str, vocab_size: int, d_query: int, d_audio: int, p: Trai
     """
     torch.manual_seed(p.seed)
     cfg = ModelConfig.build(p, variant=model, vocab_size=vocab_size, d_query=d_query, d_audio=d_audio)
-    if model != "taste":
+    if model not in AGGREGATING:
         return TasteModel(dataclasses.replace(cfg, text_dropout=0.0))
     if p.agg_init == "fresh":
         if d_audio % 64:

@@ -1,0 +1,182 @@
+"""taste_rvq and the tokenizer: codes per text token, the tokenize table, the API and the CLI, on the
+tiny espeak split (a few epochs of a tiny model: this checks the plumbing, not the quality)."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import soundfile as sf
+import torch
+
+from taste_pipeline import checkpoint, data, tables, tokenizer, train, whisper
+from taste_pipeline.model import ModelConfig, TasteModel
+from taste_pipeline.params import Train
+from taste_pipeline.tokenizer import TasteTokenizer, TokenizerError
+
+TINY = dict(d_model=32, n_heads=2, n_layers=1, d_ff=64, agg_layers=2, epochs=2, batch_size=4, warmup_steps=2,
+            val_speakers=1, amp=False, rvq_levels=3, rvq_codebook_size=16, seed=3)
+
+
+@pytest.fixture(scope="module")
+def rvq_dir(tiny_tables, tmp_path_factory):
+    split, meta = data.load_split(**tiny_tables)
+    tr, va = data.speaker_split(split, 1, 0)
+    p = Train(**TINY)
+    model = train.build_model("taste_rvq", int(meta["vocab_size"]), *split.widths, p, whisper.EMBEDDED, split.text_model)
+    out = tmp_path_factory.mktemp("taste_rvq")
+    train.fit(model, tr, va, p, out)
+    return out
+
+
+def test_codes_are_per_text_token_and_padding_is_marked():
+    torch.manual_seed(0)
+    m = TasteModel(ModelConfig(variant="taste_rvq", vocab_size=16, d_model=32, n_heads=2, n_layers=1, d_ff=64,
+                               agg_layers=1, agg_heads=2, agg_ffn=64, rvq_levels=3, rvq_codebook_size=8))
+    g = torch.Generator().manual_seed(0)
+    m.init_codebooks(torch.randn(64, 384, generator=g))
+    assert m.codebooks_ready
+    batch = {"text_emb": torch.randn(2, 5, 384, generator=g), "text_len": torch.tensor([5, 2]),
+             "mid": torch.randn(2, 30, 384, generator=g), "last": torch.randn(2, 30, 384, generator=g),
+             "frame_len": torch.tensor([30, 12]), "units": torch.randint(0, 16, (2, 9), generator=g),
+             "unit_len": torch.tensor([9, 4])}
+    m.eval()
+    codes = m.encode(batch)
+    assert codes.shape == (2, 5, 3)
+    assert (codes[0] >= 0).all() and (codes[1, :2] >= 0).all() and (codes[1, 2:] == -1).all()
+    assert m.cfg.bits_per_token == 3 * 3
+    # Decoding from the codes alone is decoding from the speech: same logits, no Whisper states needed.
+    from_codes = dict(batch, codes=codes, mid=None, last=None, frame_len=None)
+    torch.testing.assert_close(m(from_codes)[0], m(batch)[0])
+    m.train()
+    _, losses = m(batch)
+    assert set(losses) == {"ce", "commit", "loss"} and torch.isclose(losses["loss"], losses["ce"] + losses["commit"])
+    with pytest.raises(ValueError, match="no quantizer"):
+        TasteModel(ModelConfig(variant="taste", vocab_size=16, d_model=32, n_heads=2, n_layers=1, d_ff=64,
+                               agg_layers=1, agg_heads=2, agg_ffn=64)).encode(batch)
+
+
+def test_codebooks_start_from_k_means_over_many_tokens(tiny_tables):
+    split, meta = data.load_split(**tiny_tables)
+    p = Train(**{**TINY, "rvq_codebook_size": 4})
+    model = train.build_model("taste_rvq", int(meta["vocab_size"]), *split.widths, p, whisper.EMBEDDED)
+    assert not model.codebooks_ready
+    n = train.init_codebooks(model, data.as_subset(split), p)
+    assert n == 8 * 4 and model.codebooks_ready
+    first = model.quantizer.layers[0]._codebook.embed[0]
+    assert len(torch.unique(first, dim=0)) == 4  # distinct centroids, not duplicated samples
+
+
+def test_the_checkpoint_names_its_features_and_training_used_the_quantizer(rvq_dir):
+    info = json.loads((rvq_dir / checkpoint.CONFIG_FILE).read_text())
+    assert info["features"]["whisper.model"] == whisper.EMBEDDED
+    assert info["features"]["text.case"] == "lower" and "whisper.mid_layer" in info["features"]
+    assert info["model_args"]["variant"] == "taste_rvq"
+
+
+def test_tokenize_split_writes_the_codes_the_api_gives(rvq_dir, tiny_tables, tmp_path):
+    out = tmp_path / "codes.parquet"
+    n = tokenizer.tokenize_split(rvq_dir, tiny_tables["manifest_path"], tiny_tables["whisper_path"],
+                                 tiny_tables["text_path"], out, batch_size=3, rows_per_group=5)
+    table = tables.read_codes(out)
+    manifest = tables.read_manifest(tiny_tables["manifest_path"])
+    assert n == table.num_rows == manifest.num_rows
+    assert table.column("utt_id").to_pylist() == manifest.column("utt_id").to_pylist()
+    meta = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}
+    assert float(meta["bits_per_token"]) == 3 * 4
+    tokens = sum(len(t) for t in table.column("token_ids").to_pylist())
+    assert float(meta["bitrate_bps"]) == pytest.approx(tokens * 12 / float(np.sum(manifest.column("duration"))))
+    # The API from the audio file gives the stage's codes (the same features, rounded as the table stores them).
+    tok = TasteTokenizer.load(rvq_dir)
+    row = manifest.to_pylist()[0]
+    codes = tok.encode(tiny_tables["manifest_path"].parent / row["audio_path"], row["text"])
+    np.testing.assert_array_equal(codes, tables.row_matrix(table, "codes", 0))
+    # Batched (padded) and written in row groups: the same as one at a time.
+    again = tmp_path / "again.parquet"
+    tokenizer.tokenize_split(rvq_dir, tiny_tables["manifest_path"], tiny_tables["whisper_path"],
+                             tiny_tables["text_path"], again, batch_size=1, rows_per_group=64)
+    assert tables.read_codes(again).column("codes").to_pylist() == table.column("codes").to_pylist()
+
+
+def test_codes_table_is_checked():
+    schema = tables.codes_schema(2)
+    meta = {"tokenizer.model": "m", "rvq_levels": "2", "rvq_codebook_size": "4", "bits_per_token": "4",
+            "text_tokens_per_s": "3", "bitrate_bps": "12"}
+    good = pa.Table.from_pydict({"utt_id": ["a"], "token_ids": [[1, 2]],
+                                 "codes": tables.code_column([np.array([[0, 3], [1, 2]])], 2)}, schema=schema)
+    tables.validate_codes(good.replace_schema_metadata(meta))
+    with pytest.raises(tables.SchemaError, match="metadata lacks"):
+        tables.validate_codes(good)
+    bad = pa.Table.from_pydict({"utt_id": ["a"], "token_ids": [[1, 2]],
+                                "codes": tables.code_column([np.array([[0, 4], [1, 2]])], 2)}, schema=schema)
+    with pytest.raises(tables.SchemaError, match=r"outside \[0, 4\)"):
+        tables.validate_codes(bad.replace_schema_metadata(meta))
+    short = pa.Table.from_pydict({"utt_id": ["a"], "token_ids": [[1, 2, 3]],
+                                  "codes": tables.code_column([np.array([[0, 1], [1, 2]])], 2)}, schema=schema)
+    with pytest.raises(tables.SchemaError, match="3 token ids but 2 rows"):
+        tables.validate_codes(short.replace_schema_metadata(meta))
+
+
+def test_decode_rebuilds_units_from_codes_and_stops_at_the_model_limit(rvq_dir, tiny_tables):
+    tok = TasteTokenizer.load(rvq_dir)
+    row = tables.read_manifest(tiny_tables["manifest_path"]).to_pylist()[1]
+    codes = tok.encode(tiny_tables["manifest_path"].parent / row["audio_path"], row["text"])
+    units = tok.decode(codes, row["text"], max_units=40)
+    assert 0 < len(units) <= 40 and all(0 <= u < tok.model.cfg.vocab_size for u in units)
+    assert tok.decode(codes, row["text"], max_units=40) == units  # greedy: repeatable
+
+
+def test_clear_errors(rvq_dir, tiny_tables, tmp_path):
+    tok = TasteTokenizer.load(rvq_dir)
+    wav = tiny_tables["manifest_path"].parent / tables.read_manifest(tiny_tables["manifest_path"]).to_pylist()[0]["audio_path"]
+    with pytest.raises(TokenizerError, match="empty transcript"):
+        tok.encode(wav, "   ")
+    with pytest.raises(TokenizerError, match="takes at most"):
+        tok.encode(wav, "word " * 500)
+    with pytest.raises(TokenizerError, match=r"\(3, 3\) is needed"):
+        tok.decode(np.zeros((2, 3), dtype=int), "one two three")
+    with pytest.raises(TokenizerError, match=r"integers in \[0, 16\)"):
+        tok.decode(np.full((len(tok.text_tokens("hello")), 3), 16), "hello")
+    empty = tmp_path / "empty.flac"
+    empty.write_bytes(b"")
+    with pytest.raises(TokenizerError, match="empty.flac: empty file"):
+        tok.encode(empty, "hello")
+    # A checkpoint without a quantizer.
+    taste = train.build_model("taste", 8, 384, 384, Train(**{**TINY, "agg_init": "fresh"}), None)
+    checkpoint.save_checkpoint(taste, tmp_path / "taste", {})
+    with pytest.raises(TokenizerError, match="has no quantizer"):
+        TasteTokenizer.load(tmp_path / "taste")
+    with pytest.raises(TokenizerError, match="no model.safetensors"):
+        TasteTokenizer.load(tmp_path / "nowhere")
+
+
+def test_any_rate_and_channel_count_goes_through_the_pipelines_resampling(rvq_dir, tiny_tables, tmp_path):
+    tok = TasteTokenizer.load(rvq_dir)
+    row = tables.read_manifest(tiny_tables["manifest_path"]).to_pylist()[0]
+    x, rate = sf.read(tiny_tables["manifest_path"].parent / row["audio_path"], dtype="float32")
+    stereo44 = tmp_path / "stereo.wav"
+    import torchaudio
+
+    up = torchaudio.functional.resample(torch.from_numpy(x), rate, 44100).numpy()
+    sf.write(stereo44, np.stack([up, up], axis=1), 44100, subtype="FLOAT")
+    got = tok.load_audio(stereo44)
+    assert abs(len(got) - len(x)) <= 1
+    codes = tok.encode(stereo44, row["text"])
+    assert codes.shape == (len(tok.text_tokens(row["text"])), 3)
+    assert tok.encode((np.stack([up, up], axis=1), 44100), row["text"]).tolist() == codes.tolist()
+
+
+def test_cli_round_trip(rvq_dir, tiny_tables, tmp_path, capsys):
+    row = tables.read_manifest(tiny_tables["manifest_path"]).to_pylist()[2]
+    wav = str(tiny_tables["manifest_path"].parent / row["audio_path"])
+    assert tokenizer.main(["encode", "--model", str(rvq_dir), wav, row["text"]]) == 0
+    enc = json.loads(capsys.readouterr().out)
+    assert np.asarray(enc["codes"]).shape == (len(enc["text_tokens"]), 3) and enc["bits_per_token"] == 12
+    (tmp_path / "codes.json").write_text(json.dumps(enc))
+    for codes in (str(tmp_path / "codes.json"), json.dumps(enc["codes"])):
+        assert tokenizer.main(["decode", "--model", str(rvq_dir), "--codes", codes, "--max-units", "30", row["text"]]) == 0
+        dec = json.loads(capsys.readouterr().out)
+        assert 0 < dec["num_units"] == len(dec["units"]) <= 30
+    assert tokenizer.main(["decode", "--model", str(rvq_dir), "--codes", "[[1, 2]]", row["text"]]) == 2
+    assert "is needed" in capsys.readouterr().err
