@@ -46,13 +46,18 @@ def report(runs: dict[str, dict]) -> None:
     systems = [("taste", ""), ("text_only", "text_only_"), ("shuffled_speech", "shuffled_speech_")]
     if all("speech_frames_nll" in r for r in rows):
         systems.insert(0, ("speech_frames (topline)", "speech_frames_"))
+    if all("taste_rvq_nll" in r for r in rows):
+        systems.insert(2, ("taste_rvq", "taste_rvq_"))
     print("| metric | " + " | ".join(n for n, _ in systems) + " |\n|---|" + "---|" * len(systems))
-    for m in ("top1_acc", "change_top1_acc", "nll"):
-        print(f"| {m} | " + " | ".join(fmt([r[p + m] for r in rows]) for _, p in systems) + " |")
+    for m in ("top1_acc", "change_top1_acc", "nll", "free_uer", "free_length_error", "free_no_end"):
+        if all(p + m in r for r in rows for _, p in systems if not p.startswith("shuffled")):
+            print(f"| {m} | " + " | ".join(fmt([r[p + m] for r in rows]) if p + m in rows[0] else ""
+                                           for _, p in systems) + " |")
     print(f"copy_prev top1_acc: {fmt([r['copy_prev_top1_acc'] for r in rows])}")
     # What taste (and the shuffled control) gets of what speech can add: per seed, then mean ± sd.
-    for name, p in (("taste", ""), ("shuffled_speech", "shuffled_speech_")):
-        for m in ("speech_bits_per_s", "gap_closed_nll", "gap_closed_top1_acc", "gap_closed_change_top1_acc"):
+    for name, p in (("taste", ""), ("taste_rvq", "taste_rvq_"), ("shuffled_speech", "shuffled_speech_")):
+        for m in ("speech_bits_per_s", "gap_closed_nll", "gap_closed_top1_acc", "gap_closed_change_top1_acc",
+                  "bitrate_bps", "dead_code_share"):
             if all(p + m in r for r in rows):
                 xs = [r[p + m] for r in rows]
                 print(f"{name} {m}, per seed: {[round(x, 4) for x in xs]}  mean {fmt(xs)}")

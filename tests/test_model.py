@@ -216,11 +216,12 @@ def test_text_dropout_acts_only_in_training():
     assert not torch.allclose(evaluated, speech_only)
 
 
-@pytest.mark.parametrize("variant", ["taste", "text_only", "speech_frames"])
-def test_cached_generation_agrees_with_the_full_forward_pass(variant):
+@pytest.mark.parametrize("variant,kw", [("taste", {}), ("text_only", {}), ("speech_frames", {}),
+                                        ("taste", {"unit_alignment": "attention"})])
+def test_cached_generation_agrees_with_the_full_forward_pass(variant, kw):
     """Greedy units from the key/value cache are what the teacher-forced forward pass predicts on them,
     item by item in a batch of different text and speech lengths, up to END."""
-    model, batch = _model(variant), _batch()
+    model, batch = _model(variant, **kw), _batch()
     with torch.no_grad():
         # Large random weights: the argmax then turns on small differences (a wrong position or a
         # padded key let through would change it), and a bias towards END stops some items early.
@@ -251,3 +252,39 @@ def test_top_k_sampling_is_repeatable_and_top_1_is_greedy():
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not all(len(x) == len(z) and torch.equal(x, z) for x, z in zip(a, c))
     assert all(int(u.max()) < model.cfg.vocab_size for u in a if len(u))  # END and TASK never emitted as units
+
+
+def test_the_time_code_is_the_attention_over_the_frame_clock():
+    from taste_pipeline.model import Attention, sinusoids
+
+    torch.manual_seed(0)
+    attn = Attention(16, 2, 24).eval()
+    x, keys = torch.randn(2, 3, 16), torch.randn(2, 10, 24)
+    mask = torch.arange(10)[None] < torch.tensor([10, 6])[:, None]
+    clock = sinusoids(10, 8)[None].expand(2, -1, -1)
+    attn.keep_weights = True
+    out, when = attn(x, keys, key_mask=mask, also=clock)
+    w = attn.last_weights  # (B, heads, Lq, Lk), padded frames at 0
+    torch.testing.assert_close(when, (w @ clock[:, None]).mean(1))
+    assert torch.all(w[1, :, :, 6:] == 0)
+    attn.keep_weights = False
+    torch.testing.assert_close(attn(x, keys, key_mask=mask), out)
+
+
+def test_aligned_units_read_the_vector_of_the_token_the_speech_puts_there(monkeypatch):
+    """unit_alignment attention: unit input r gets the fused vector of the token at frame r; which token
+    that is comes from the aggregator's attention, and decoding from codes (no speech) is refused."""
+    model, batch = _model("taste", unit_alignment="attention"), _batch()
+    base, _ = model(batch)
+    first = lambda b: torch.zeros(b["mid"].shape[0], b["mid"].shape[1], dtype=torch.long)  # noqa: E731
+    monkeypatch.setattr(model, "token_of_frame", first)
+    at_first, _ = model(batch)
+    monkeypatch.setattr(model, "token_of_frame", lambda b: first(b) + 1)
+    at_second, _ = model(batch)
+    assert not torch.allclose(at_first[0, 1:], at_second[0, 1:])
+    monkeypatch.undo()
+    torch.testing.assert_close(model(batch)[0], base)
+    tok = model.token_of_frame(batch)
+    assert tok.shape == (3, 40) and int(tok[2].max()) < 3  # item 2 has 3 text tokens
+    with pytest.raises(ValueError, match="codes do not carry"):
+        model.prefix(dict(batch, codes=torch.zeros(3, 7, 2, dtype=torch.long)))

@@ -64,6 +64,11 @@ class ModelArgs:
     # Add to each speech vector where its token read: the value layers' attention over the frames' Whisper
     # sinusoids (the unit clock's basis), so the vector states its word's time span, not only its sound.
     agg_time_code: bool = False
+    # "attention": each unit input r also gets the fused vector of the text token that the value layer's
+    # attention puts at frame r (the token attending most to it) — the token's span, read off the speech,
+    # places its vector on the unit clock. The decoder still sees one vector per token, plus where the
+    # speech says each token is. "none": the decoder finds its place in the text itself (TASTE).
+    unit_alignment: str = "none"
     d_model: int = 192
     n_heads: int = 4
     n_layers: int = 3
@@ -106,12 +111,14 @@ class ModelArgs:
                 raise ConfigError(f"train.{name}: must be 0 or more, got {getattr(self, name)}")
         if not 1 <= self.agg_value_layers <= self.agg_layers:
             raise ConfigError(f"train.agg_value_layers: {self.agg_value_layers} is not in 1..train.agg_layers ({self.agg_layers})")
-        for name, allowed in (("agg_output", AGG_OUTPUTS), ("unit_positions", UNIT_POSITIONS), ("agg_init", AGG_INITS)):
+        for name, allowed in (("agg_output", AGG_OUTPUTS), ("unit_positions", UNIT_POSITIONS), ("agg_init", AGG_INITS),
+                              ("unit_alignment", UNIT_ALIGNMENTS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"train.{name}: {getattr(self, name)!r} is not one of {list(allowed)}")
 
 
 AGG_OUTPUTS, UNIT_POSITIONS, AGG_INITS = ("attention", "residual"), ("whisper_sinusoid", "learned"), ("whisper", "fresh")
+UNIT_ALIGNMENTS = ("none", "attention")
 
 
 @dataclass(frozen=True)
@@ -257,6 +264,8 @@ class Aggregator(nn.Module):
             self.register_buffer("frame_clock", sinusoids(cfg.max_len, d), persistent=False)
             self.time_proj = nn.Linear(d, d)
         self.time_code = cfg.agg_time_code
+        if cfg.unit_alignment == "attention":
+            self.layers[-1].encoder_attn.keep_weights = True
         self.value_layers = cfg.agg_value_layers
         self.freeze_alignment = cfg.agg_freeze_alignment
         self.output = cfg.agg_output
@@ -419,12 +428,30 @@ class TasteModel(nn.Module):
             return vectors, None, zero
         return self.quantize(vectors, text_mask)
 
+    def token_of_frame(self, batch: dict) -> torch.Tensor:
+        """unit_alignment attention, after ``speech``: (B, F) the text token that the value layer's
+        attention (mean over heads) puts at each frame, the one attending most to it."""
+        w = self.aggregator.layers[-1].encoder_attn.last_weights.float().mean(1)[:, self.aggregator.num_prefix :]
+        real = torch.arange(w.shape[1], device=w.device)[None] < batch["text_len"][:, None]
+        return w.masked_fill(~real[..., None], float("-inf")).argmax(1)
+
+    def placed(self, prefix: torch.Tensor, batch: dict, steps: int) -> torch.Tensor:
+        """unit_alignment attention: (B, steps, d_model), for unit-stream input r the fused vector of the
+        token at frame r (the last frame's token past the end)."""
+        tok = self.token_of_frame(batch)
+        r = torch.arange(steps, device=tok.device)[None]
+        f = torch.minimum(r, (batch["frame_len"] - 1)[:, None]).clamp(min=0)
+        idx = tok.gather(1, f.clamp(max=tok.shape[1] - 1))
+        return prefix.gather(1, idx[..., None].expand(-1, -1, prefix.shape[-1]))
+
     def prefix(self, batch: dict):
         """Fused text-length prefix (B, L, d_model) and the auxiliary loss (the commitment loss of
         taste_rvq, else 0). Only the aggregating variants read the speech here."""
         text = self.text_branch(batch["text_emb"])
         if self.cfg.variant not in AGGREGATING:
             return text, torch.zeros((), device=text.device)
+        if self.cfg.unit_alignment != "none" and batch.get("codes") is not None:
+            raise ValueError("train.unit_alignment: the codes do not carry where each token is; decode needs the speech")
         vectors, _, aux = self.speech(batch)
         speech = self.speech_branch(vectors)
         w = self.fusion_logits.softmax(0)
@@ -488,6 +515,9 @@ class TasteModel(nn.Module):
         if self.cfg.variant == "speech_frames":
             x[is_task | is_unit] += self.frame_inputs(batch, T + 1)[
                 torch.arange(T + 1, device=dev)[None] <= unit_len[:, None]].float()
+        if self.aligned:
+            x[is_task | is_unit] += self.placed(prefix, batch, T + 1)[
+                torch.arange(T + 1, device=dev)[None] <= unit_len[:, None]].float()
         pos = torch.where(is_prefix[..., None], self.text_pos_emb(pos_in_seq.clamp(max=self.cfg.max_text - 1)),
                           self.unit_position(rel))
         x = self.drop(x + pos)
@@ -531,6 +561,8 @@ class TasteModel(nn.Module):
         x[is_prefix] = prefix[is_prefix[:, :L]].float()
         x[torch.arange(B, device=dev), text_len] = self.unit_emb.weight[self.cfg.task_id].float()
         frames = self.frame_inputs(batch, max_units + 1) if self.cfg.variant == "speech_frames" else None
+        if self.aligned:
+            frames = self.placed(prefix, batch, max_units + 1).float()
         if frames is not None:
             x[torch.arange(B, device=dev), text_len] += frames[:, 0].float()
         x = x + torch.where(is_prefix[..., None], self.text_pos_emb(pos.clamp(max=self.cfg.max_text - 1)),
@@ -569,6 +601,10 @@ class TasteModel(nn.Module):
         units = torch.stack(steps, dim=1).cpu()  # END from an item's first END on
         return [u[: int((u == self.cfg.end_id).nonzero()[0, 0]) if (u == self.cfg.end_id).any() else len(u)].long()
                 for u in units]
+
+    @property
+    def aligned(self) -> bool:
+        return self.cfg.variant in AGGREGATING and self.cfg.unit_alignment != "none"
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
