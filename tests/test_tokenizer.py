@@ -124,7 +124,10 @@ def test_decode_rebuilds_units_from_codes_and_stops_at_the_model_limit(rvq_dir, 
     codes = tok.encode(tiny_tables["manifest_path"].parent / row["audio_path"], row["text"])
     units = tok.decode(codes, row["text"], max_units=40)
     assert 0 < len(units) <= 40 and all(0 <= u < tok.model.cfg.vocab_size for u in units)
-    assert tok.decode(codes, row["text"], max_units=40) == units  # greedy: repeatable
+    assert tok.decode(codes, row["text"], max_units=40) == units  # sampled with a seeded generator: repeatable
+    greedy = tok.decode(codes, row["text"], max_units=40, top_k=None)
+    assert greedy == tok.model.generate(dict(tok._batch(tok.text_tokens(row["text"])),
+                                             codes=torch.from_numpy(codes)[None]), max_units=40)[0].tolist()
 
 
 def test_clear_errors(rvq_dir, tiny_tables, tmp_path):

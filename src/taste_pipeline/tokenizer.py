@@ -140,8 +140,11 @@ class TasteTokenizer:
         return self.model.encode(batch)[0].cpu().numpy()
 
     @torch.no_grad()
-    def decode(self, codes, transcript: str, max_units: int | None = None) -> list[int]:
-        """Units generated (greedy) from the transcript and one row of codes per text token, up to END."""
+    def decode(self, codes, transcript: str, max_units: int | None = None, top_k: int | None = 25,
+               seed: int = 0) -> list[int]:
+        """Units generated from the transcript and one row of codes per text token, up to END: sampled
+        from the ``top_k`` likeliest with a generator seeded by ``seed`` (repeatable), as the free-running
+        evaluation does; ``top_k=None`` is greedy, which on 50 Hz units tends to loop on one unit."""
         ids = self.text_tokens(transcript)
         codes = np.asarray(codes)
         if codes.ndim != 2 or codes.shape != (len(ids), self.levels):
@@ -150,7 +153,8 @@ class TasteTokenizer:
         if not np.issubdtype(codes.dtype, np.integer) or codes.min() < 0 or codes.max() >= self.codebook_size:
             raise TokenizerError(f"codes must be integers in [0, {self.codebook_size})")
         batch = dict(self._batch(ids), codes=torch.from_numpy(codes.astype(np.int64))[None].to(self.device))
-        return self.model.generate(batch, max_units=max_units)[0].tolist()
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        return self.model.generate(batch, max_units=max_units, top_k=top_k, generator=g)[0].tolist()
 
 
 def tokenize_split(model_dir: str | Path, manifest_path: str | Path, whisper_path: str | Path, text_path: str | Path,
@@ -218,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     dec = sub.add_parser("decode", help="codes + transcript -> units (JSON)")
     dec.add_argument("--codes", required=True, help="JSON: a list of rows, or encode's output; inline or a file")
     dec.add_argument("--max-units", type=int, default=None)
+    dec.add_argument("--top-k", type=int, default=25, help="sample from the k likeliest units (0: greedy)")
+    dec.add_argument("--seed", type=int, default=0)
     for p in (enc, dec):
         p.add_argument("--model", required=True, help="a taste_rvq model folder, e.g. models/taste_rvq")
         p.add_argument("--device", default="cpu")
@@ -232,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                    "levels": tok.levels, "codebook_size": tok.codebook_size, "bits_per_token": tok.bits_per_token,
                    "seconds": seconds, "bitrate_bps": len(codes) * tok.bits_per_token / seconds}
         else:
-            units = tok.decode(_codes_arg(args.codes), args.text, args.max_units)
+            units = tok.decode(_codes_arg(args.codes), args.text, args.max_units, args.top_k or None, args.seed)
             out = {"model": args.model, "units": units, "num_units": len(units),
                    "seconds": len(units) / (tables.SAMPLE_RATE / tables.SAMPLES_PER_FRAME),
                    "targets": tok.info.get("targets", "")}
