@@ -75,8 +75,10 @@ def generate_all(model, test, batch_size: int, device: str = "cpu", buffer_rows:
 def encode_all(model, test, batch_size: int, device: str = "cpu", buffer_rows: int = 0) -> np.ndarray:
     """taste_rvq: the codes of every text token of the test split, (tokens, levels)."""
     model.eval()
-    codes = [model.encode(batch)[m].cpu().numpy() for _, batch in _eval_batches(test, batch_size, buffer_rows, device)
-             for m in [torch.arange(batch["text_emb"].shape[1], device=device)[None] < batch["text_len"][:, None]]]
+    codes = []
+    for _, batch in _eval_batches(test, batch_size, buffer_rows, device):
+        real = torch.arange(batch["text_emb"].shape[1], device=device)[None] < batch["text_len"][:, None]
+        codes.append(model.encode(batch)[real].cpu().numpy())
     return np.concatenate(codes)
 
 
