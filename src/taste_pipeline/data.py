@@ -284,6 +284,16 @@ def batches(data, batch_size: int, rng: random.Random | None = None, buffer_rows
     return windows
 
 
+def fixed_batches(data, batch_size: int, buffer_rows: int = 0, device: str = "cpu"):
+    """(indices, padded batch on ``device``) in the fixed length-sorted order of ``batches`` without an
+    rng, a window of Examples in memory at a time (evaluation, tokenizing, codebook initialisation)."""
+    data = as_subset(data)
+    for window in batches(data, batch_size, buffer_rows=buffer_rows):
+        ex = data.source.examples([i for group in window for i in group])
+        for group in window:
+            yield group, to_device(collate([ex[i] for i in group]), device)
+
+
 class _Windows(torch.utils.data.Dataset):
     """Item w: the Examples of window w (what one rank needs of it), for a DataLoader's workers."""
 

@@ -37,15 +37,6 @@ def attention(model, ex: data.Example) -> np.ndarray:
     return w.float().cpu().numpy()
 
 
-def _eval_batches(test, batch_size: int, buffer_rows: int, device: str):
-    """(indices, batch on ``device``) in the fixed, length-sorted evaluation order."""
-    test = data.as_subset(test)
-    for window in data.batches(test, batch_size, buffer_rows=buffer_rows):
-        ex = test.source.examples([i for group in window for i in group])
-        for group in window:
-            yield group, data.to_device(data.collate([ex[i] for i in group]), device)
-
-
 # Free-running generation stops at END or at this many times the batch's longest target (+ 1 s):
 # far past any sane length, so a model that never says END shows as no_end, not as a long run.
 GENERATE_SLACK = 2.0
@@ -64,7 +55,7 @@ def generate_all(model, test, batch_size: int, device: str = "cpu", buffer_rows:
     model.eval()
     g = torch.Generator(device=device).manual_seed(seed)
     out = {}
-    for group, batch in _eval_batches(test, batch_size, buffer_rows, device):
+    for group, batch in data.fixed_batches(test, batch_size, buffer_rows, device):
         cap = min(int(GENERATE_SLACK * int(batch["unit_len"].max())) + 50, model.cfg.max_len - 1)
         for i, units in zip(group, model.generate(batch, max_units=cap, top_k=top_k, generator=g)):
             out[i] = (units.cpu().numpy(), len(units) >= cap)
@@ -76,7 +67,7 @@ def encode_all(model, test, batch_size: int, device: str = "cpu", buffer_rows: i
     """taste_rvq: the codes of every text token of the test split, (tokens, levels)."""
     model.eval()
     codes = []
-    for _, batch in _eval_batches(test, batch_size, buffer_rows, device):
+    for _, batch in data.fixed_batches(test, batch_size, buffer_rows, device):
         real = torch.arange(batch["text_emb"].shape[1], device=device)[None] < batch["text_len"][:, None]
         codes.append(model.encode(batch)[real].cpu().numpy())
     return np.concatenate(codes)

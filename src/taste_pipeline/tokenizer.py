@@ -232,8 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tok = TasteTokenizer.load(args.model, args.device)
         if args.command == "encode":
-            codes = tok.encode(args.audio, args.text)
-            seconds = len(tok.load_audio(args.audio)) / tables.SAMPLE_RATE
+            samples = tok.load_audio(args.audio)  # once: encode takes (samples, rate) as well as a path
+            codes = tok.encode((samples, tables.SAMPLE_RATE), args.text)
+            seconds = len(samples) / tables.SAMPLE_RATE
             out = {"model": args.model, "text_tokens": tok.text_tokens(args.text), "codes": codes.tolist(),
                    "levels": tok.levels, "codebook_size": tok.codebook_size, "bits_per_token": tok.bits_per_token,
                    "seconds": seconds, "bitrate_bps": len(codes) * tok.bits_per_token / seconds}

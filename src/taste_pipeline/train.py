@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from . import hardware
 from .checkpoint import Progress, Resume, save_checkpoint, save_history
-from .data import Example, Loader, as_subset, batches, collate, to_device
+from .data import Example, Loader, as_subset, batches, collate, fixed_batches, to_device
 from .model import AGGREGATING, ModelConfig, TasteModel
 from .params import Train
 from .ranks import Ranks
@@ -69,21 +69,15 @@ def summarize(preds: list[dict]) -> dict:
 def init_codebooks(model: TasteModel, data, cfg: Train, per_code: int = 8) -> int:
     """taste_rvq: k-means-initialise the codebooks on the speech vectors of the first ``per_code`` x
     codebook size text tokens of ``data`` (length-sorted batches, a fixed order); returns how many."""
-    data = as_subset(data)
     want = per_code * model.cfg.rvq_codebook_size
     model.eval()
     got: list[torch.Tensor] = []
-    for window in batches(data, cfg.batch_size, buffer_rows=cfg.buffer_rows):
-        ex = data.source.examples([i for group in window for i in group])
-        for group in window:
-            batch = to_device(collate([ex[i] for i in group]), cfg.device)
-            mask = torch.arange(batch["text_emb"].shape[1], device=cfg.device)[None] < batch["text_len"][:, None]
-            frames = torch.arange(batch["mid"].shape[1], device=cfg.device)[None] < batch["frame_len"][:, None]
-            with autocast(cfg.device, cfg.amp):
-                vectors = model.speech_vectors(batch["text_emb"], batch["mid"], batch["last"], frames)
-            got.append(vectors[mask].float())
-            if sum(len(v) for v in got) >= want:
-                break
+    for _, batch in fixed_batches(data, cfg.batch_size, cfg.buffer_rows, cfg.device):
+        mask = torch.arange(batch["text_emb"].shape[1], device=cfg.device)[None] < batch["text_len"][:, None]
+        frames = torch.arange(batch["mid"].shape[1], device=cfg.device)[None] < batch["frame_len"][:, None]
+        with autocast(cfg.device, cfg.amp):
+            vectors = model.speech_vectors(batch["text_emb"], batch["mid"], batch["last"], frames)
+        got.append(vectors[mask].float())
         if sum(len(v) for v in got) >= want:
             break
     vectors = torch.cat(got)[:want]
