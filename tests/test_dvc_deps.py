@@ -67,3 +67,20 @@ def test_the_import_scan_sees_lazy_and_relative_imports(tmp_path):
     script = tmp_path / "s.py"
     script.write_text("import torch\nfrom taste_pipeline import tables\ndef f():\n    from taste_pipeline.s3 import fetch\n")
     assert {f.name for f in project_imports(script)} == {"tables.py", "s3.py"}
+
+
+@pytest.mark.parametrize("name,section", [("train", "variants"), ("finetune", "finetune")])
+def test_a_training_stage_depends_on_its_own_variant_and_every_shared_train_param(name, section):
+    """Not the whole ``train`` section, so adding or changing one variant re-runs only that one; but
+    every shared param (a field of ``params.Train``), so a change to any of them re-runs them all."""
+    from dataclasses import fields
+
+    from taste_pipeline.params import Train
+
+    listed = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][name]["do"]["params"]
+    shared = {f"train.{f.name}" for f in fields(Train) if f.name not in ("variants", "finetune")}
+    assert f"train.{section}.${{key}}" in listed
+    assert "train" not in listed and f"train.{'finetune' if section == 'variants' else 'variants'}" not in listed
+    assert sorted(shared - set(listed)) == [], "shared train params missing from the stage's params"
+    unknown = {p for p in listed if p.startswith("train.")} - shared - {f"train.{section}.${{key}}"}
+    assert not unknown, f"params that are not train fields: {sorted(unknown)}"

@@ -194,7 +194,9 @@ def fit(model: TasteModel, train_ex, val_ex, cfg: Train, out_dir: str | Path,
         n = init_codebooks(model, train_ex, cfg)
         if lead:
             print(f"codebooks: k-means over the speech vectors of {n} text tokens")
-    bar = tqdm(total=total, initial=prog.step, desc=f"train {model.cfg.variant}", unit="step", disable=not lead)
+    # Only the other ranks pass ``disable``: passing it on the lead would override TQDM_DISABLE.
+    bar = tqdm(total=total, initial=prog.step, desc=f"train {model.cfg.variant}", unit="step",
+               **({} if lead else {"disable": True}))
     for epoch in range(prog.epoch, cfg.epochs):
         model.train()
         prog.epoch = epoch
