@@ -288,3 +288,29 @@ def test_aligned_units_read_the_vector_of_the_token_the_speech_puts_there(monkey
     assert tok.shape == (3, 40) and int(tok[2].max()) < 3  # item 2 has 3 text tokens
     with pytest.raises(ValueError, match="codes do not carry"):
         model.prefix(dict(batch, codes=torch.zeros(3, 7, 2, dtype=torch.long)))
+
+
+def test_token_spans_say_where_each_step_lies_in_its_tokens_run():
+    from taste_pipeline.model import token_spans
+
+    since, length = token_spans(torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2], [4, 3, 3, 3, 3, 3, 4, 4, 4]]))
+    assert since.tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3], [0, 0, 1, 2, 3, 4, 0, 1, 2]]
+    assert length.tolist() == [[3, 3, 3, 2, 2, 4, 4, 4, 4], [1, 5, 5, 5, 5, 5, 3, 3, 3]]
+
+
+def test_aligned_units_know_where_they_lie_in_their_tokens_span(monkeypatch):
+    """unit_alignment attention: the same token at every frame but split into two runs changes what
+    the units see (the span clock), though the token's vector is the same."""
+    model, batch = _model("taste", unit_alignment="attention"), _batch()
+    one = lambda b: torch.zeros(b["mid"].shape[0], b["mid"].shape[1], dtype=torch.long)  # noqa: E731
+    monkeypatch.setattr(model, "token_of_frame", one)
+    whole, _ = model(batch)
+
+    def split(b):
+        t = one(b)
+        t[:, 10:] = 1
+        return t
+
+    monkeypatch.setattr(model, "token_of_frame", split)
+    two, _ = model(batch)
+    assert not torch.allclose(two[0, :10], whole[0, :10])  # frames 0..9: same token, a shorter span

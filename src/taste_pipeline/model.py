@@ -66,7 +66,8 @@ class ModelArgs:
     agg_time_code: bool = False
     # "attention": each unit input r also gets the fused vector of the text token that the value layer's
     # attention puts at frame r (the token attending most to it) — the token's span, read off the speech,
-    # places its vector on the unit clock. The decoder still sees one vector per token, plus where the
+    # places its vector on the unit clock — and where r lies in that span (frames since it began, its
+    # length), on Whisper's sinusoid basis. The decoder still sees one vector per token, plus where the
     # speech says each token is. "none": the decoder finds its place in the text itself (TASTE).
     unit_alignment: str = "none"
     d_model: int = 192
@@ -326,6 +327,20 @@ class Aggregator(nn.Module):
                     p.requires_grad_(i >= first_mid and reads_values)
 
 
+def token_spans(token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a (B, R) token index per step: (steps since the run of equal tokens holding each step began,
+    that run's length). [[0, 0, 0, 1, 1]] -> ([[0, 1, 2, 0, 1]], [[3, 3, 3, 2, 2]])."""
+    B, R = token.shape
+    r = torch.arange(R, device=token.device)[None].expand(B, R)
+    begins = torch.ones_like(token, dtype=torch.bool)
+    begins[:, 1:] = token[:, 1:] != token[:, :-1]
+    ends = torch.ones_like(begins)
+    ends[:, :-1] = begins[:, 1:]
+    start = torch.where(begins, r, torch.zeros_like(r)).cummax(1).values
+    end = torch.where(ends, r, torch.full_like(r, R)).flip(1).cummin(1).values.flip(1)
+    return r - start, end - start + 1
+
+
 class Block(nn.Module):
     def __init__(self, d: int, heads: int, d_ff: int, dropout: float):
         super().__init__()
@@ -368,6 +383,11 @@ class TasteModel(nn.Module):
             self.unit_pos = nn.Linear(cfg.d_audio, cfg.d_model, bias=False)
         else:
             self.unit_pos_emb = nn.Embedding(cfg.max_len, cfg.d_model)
+        if cfg.unit_alignment != "none":
+            # Where unit r lies in its token's span: frames since the span began, and the span's length.
+            self.register_buffer("span_clock", sinusoids(cfg.max_len, cfg.d_audio), persistent=False)
+            self.span_since = nn.Linear(cfg.d_audio, cfg.d_model, bias=False)
+            self.span_length = nn.Linear(cfg.d_audio, cfg.d_model, bias=False)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.dropout) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
@@ -437,12 +457,16 @@ class TasteModel(nn.Module):
 
     def placed(self, prefix: torch.Tensor, batch: dict, steps: int) -> torch.Tensor:
         """unit_alignment attention: (B, steps, d_model), for unit-stream input r the fused vector of the
-        token at frame r (the last frame's token past the end)."""
+        token at frame r (the last frame's token past the end) plus where r lies in that token's span."""
         tok = self.token_of_frame(batch)
         r = torch.arange(steps, device=tok.device)[None]
         f = torch.minimum(r, (batch["frame_len"] - 1)[:, None]).clamp(min=0)
         idx = tok.gather(1, f.clamp(max=tok.shape[1] - 1))
-        return prefix.gather(1, idx[..., None].expand(-1, -1, prefix.shape[-1]))
+        since, length = token_spans(idx)
+        top = self.cfg.max_len - 1
+        return (prefix.gather(1, idx[..., None].expand(-1, -1, prefix.shape[-1]))
+                + self.span_since(self.span_clock[since.clamp(max=top)])
+                + self.span_length(self.span_clock[length.clamp(max=top)]))
 
     def prefix(self, batch: dict):
         """Fused text-length prefix (B, L, d_model) and the auxiliary loss (the commitment loss of
