@@ -314,3 +314,13 @@ def test_aligned_units_know_where_they_lie_in_their_tokens_span(monkeypatch):
     monkeypatch.setattr(model, "token_of_frame", split)
     two, _ = model(batch)
     assert not torch.allclose(two[0, :10], whole[0, :10])  # frames 0..9: same token, a shorter span
+
+
+def test_the_last_tokens_span_ends_at_the_last_frame_however_far_the_units_are_padded(monkeypatch):
+    """What an aligned unit input sees up to the last frame does not depend on how many steps follow
+    (training pads to the batch's longest item, generate to max_units)."""
+    model, batch = _model("taste", unit_alignment="attention"), _batch()
+    prefix, _ = model.prefix(batch)
+    short, long = model.placed(prefix, batch, 41), model.placed(prefix, batch, 200)
+    for i, n in enumerate(batch["frame_len"].tolist()):
+        torch.testing.assert_close(short[i, :n], long[i, :n])

@@ -462,7 +462,9 @@ class TasteModel(nn.Module):
         r = torch.arange(steps, device=tok.device)[None]
         f = torch.minimum(r, (batch["frame_len"] - 1)[:, None]).clamp(min=0)
         idx = tok.gather(1, f.clamp(max=tok.shape[1] - 1))
-        since, length = token_spans(idx)
+        # Steps past the last frame are a run of their own, so the last token's span is as long in
+        # training (padded to the batch's longest item) as in generate (padded to max_units).
+        since, length = token_spans(idx.masked_fill(r >= batch["frame_len"][:, None], -1))
         top = self.cfg.max_len - 1
         return (prefix.gather(1, idx[..., None].expand(-1, -1, prefix.shape[-1]))
                 + self.span_since(self.span_clock[since.clamp(max=top)])
