@@ -7,10 +7,12 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: repro test plots venv clean-venv
 
+# --no-cache-dir: torch's CUDA wheels are ~3 GB; a copy in pip's cache beside the ~6 GB venv once ran a
+# CI machine out of disk. On failure, say how much room there was.
 $(BIN)/.installed: requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet --no-cache-dir --upgrade pip
+	$(BIN)/pip install --quiet --no-cache-dir -r requirements.txt || { df -h . "$${TMPDIR:-/tmp}"; exit 1; }
 	touch $@
 
 venv: $(BIN)/.installed
