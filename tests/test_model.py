@@ -72,12 +72,16 @@ def test_the_topline_reads_frame_r_at_unit_input_r_and_never_a_later_frame():
     torch.testing.assert_close(model(padded)[0], logits)
 
 
-def test_tastes_decoder_never_sees_frame_rate_features(monkeypatch):
-    """taste's speech reaches the decoder only as one vector per text token: with those vectors held
-    fixed, no change to the frames changes a logit."""
-    model, batch = _model("taste"), _batch()
+@pytest.mark.parametrize("alignment", ["none", "durations"])
+def test_tastes_decoder_never_sees_frame_rate_features(monkeypatch, alignment):
+    """taste's speech reaches the decoder only as one vector per text token (and, with unit_alignment
+    durations, one duration per token): with those held fixed, no change to the frames changes a logit."""
+    model, batch = _model("taste", unit_alignment=alignment), _batch()
     fixed = torch.randn(3, 7, 384)
     monkeypatch.setattr(model, "speech_vectors", lambda *a: fixed[:, : a[0].shape[1]])
+    if alignment == "durations":
+        frames = torch.tensor([[5, 5, 5, 5, 5, 5, 10], [6, 6, 6, 6, 6, 0, 0], [7, 7, 6, 0, 0, 0, 0]])
+        monkeypatch.setattr(model, "durations", lambda b: frames)
     logits, _ = model(batch)
     other = dict(batch, mid=torch.randn_like(batch["mid"]), last=torch.randn_like(batch["last"]))
     torch.testing.assert_close(model(other)[0], logits)
@@ -109,7 +113,7 @@ def test_losses_are_a_dict_whose_loss_is_the_mean_cross_entropy():
     logits, losses = model(batch)
     want = torch.nn.functional.cross_entropy(logits.transpose(1, 2), model.targets(batch), ignore_index=-100)
     torch.testing.assert_close(losses["ce"], want)
-    assert losses["loss"] is losses["ce"]  # no other term yet
+    assert set(losses) == {"ce", "loss"} and torch.equal(losses["loss"], losses["ce"])  # no other term for taste
 
 
 def test_aggregator_gives_one_vector_per_text_token():
@@ -217,7 +221,8 @@ def test_text_dropout_acts_only_in_training():
 
 
 @pytest.mark.parametrize("variant,kw", [("taste", {}), ("text_only", {}), ("speech_frames", {}),
-                                        ("taste", {"unit_alignment": "attention"})])
+                                        ("taste", {"unit_alignment": "attention"}),
+                                        ("taste", {"unit_alignment": "durations"})])
 def test_cached_generation_agrees_with_the_full_forward_pass(variant, kw):
     """Greedy units from the key/value cache are what the teacher-forced forward pass predicts on them,
     item by item in a batch of different text and speech lengths, up to END."""
@@ -316,11 +321,41 @@ def test_aligned_units_know_where_they_lie_in_their_tokens_span(monkeypatch):
     assert not torch.allclose(two[0, :10], whole[0, :10])  # frames 0..9: same token, a shorter span
 
 
-def test_the_last_tokens_span_ends_at_the_last_frame_however_far_the_units_are_padded(monkeypatch):
-    """What an aligned unit input sees up to the last frame does not depend on how many steps follow
-    (training pads to the batch's longest item, generate to max_units)."""
-    model, batch = _model("taste", unit_alignment="attention"), _batch()
+@pytest.mark.parametrize("alignment", ["attention", "durations"])
+def test_an_aligned_input_does_not_depend_on_how_many_steps_are_asked_for(alignment):
+    """What aligned unit input r sees is the same whether fewer steps than frames are asked for
+    (free-running, stopped early), just as many (training) or far more (generate pads to max_units)."""
+    model, batch = _model("taste", unit_alignment=alignment), _batch()
     prefix, _ = model.prefix(batch)
-    short, long = model.placed(prefix, batch, 41), model.placed(prefix, batch, 200)
-    for i, n in enumerate(batch["frame_len"].tolist()):
-        torch.testing.assert_close(short[i, :n], long[i, :n])
+    long = model.placed(prefix, batch, 200)
+    for steps in (12, 41):
+        torch.testing.assert_close(model.placed(prefix, batch, steps), long[:, :steps])
+
+
+def test_durations_lay_the_tokens_end_to_end_in_text_order(monkeypatch):
+    """unit_alignment durations: token i holds the steps from the sum of the durations before it to the
+    sum up to it (a token of 0 frames holds none); the speech ends at the sum of all."""
+    model, batch = _model("taste", unit_alignment="durations"), _batch()
+    frames = torch.tensor([[2, 3, 0, 1, 0, 0, 4], [1, 1, 1, 1, 2, 0, 0], [5, 5, 5, 0, 0, 0, 0]])
+    monkeypatch.setattr(model, "durations", lambda b: frames)
+    prefix, _ = model.prefix(batch)
+    idx, end = model.step_tokens(prefix, batch, 12)
+    assert idx[0].tolist() == [0, 0, 1, 1, 1, 3, 6, 6, 6, 6, 6, 6]
+    assert idx[1].tolist() == [0, 1, 2, 3, 4, 4, 4, 4, 4, 4, 4, 4]  # item 1 has 5 tokens: the last one's past the end
+    assert idx[2].tolist() == [0] * 5 + [1] * 5 + [2] * 2
+    assert end.tolist() == [10, 6, 15]
+
+
+def test_durations_are_the_frames_the_attention_gives_each_token():
+    """What each token's attention holds, counted: they sum to the item's frames; codes carry them."""
+    model, batch = _model("taste", unit_alignment="durations"), _batch()
+    model.prefix(batch)
+    d = model.durations(batch)
+    tok = model.token_of_frame(batch)
+    assert d.tolist()[2][:3] == [int((tok[2, :20] == k).sum()) for k in range(3)]
+    torch.testing.assert_close(d.sum(1), batch["frame_len"])
+    assert (d[1, 5:] == 0).all() and (d[2, 3:] == 0).all()
+    codes = torch.zeros(3, 7, 5, dtype=torch.long)
+    codes[..., -1] = 4
+    assert (model.durations(dict(batch, codes=codes)) == 4).all()
+

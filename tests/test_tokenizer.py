@@ -19,21 +19,34 @@ TINY = dict(d_model=32, n_heads=2, n_layers=1, d_ff=64, agg_layers=2, epochs=2, 
             val_speakers=1, amp=False, rvq_levels=3, rvq_codebook_size=16, seed=3)
 
 
-@pytest.fixture(scope="module")
-def rvq_dir(tiny_tables, tmp_path_factory):
+def _train_rvq(tiny_tables, out, **kw):
     split, meta = data.load_split(**tiny_tables)
     tr, va = data.speaker_split(split, 1, 0)
-    p = Train(**TINY)
+    p = Train(**(TINY | kw))
     model = train.build_model("taste_rvq", int(meta["vocab_size"]), *split.widths, p, whisper.EMBEDDED, split.text_model)
-    out = tmp_path_factory.mktemp("taste_rvq")
     train.fit(model, tr, va, p, out)
     return out
 
 
-def test_codes_are_per_text_token_and_padding_is_marked():
+@pytest.fixture(scope="module")
+def rvq_dir(tiny_tables, tmp_path_factory):
+    return _train_rvq(tiny_tables, tmp_path_factory.mktemp("taste_rvq"))
+
+
+@pytest.fixture(scope="module")
+def rvq_durations_dir(tiny_tables, tmp_path_factory):
+    """unit_alignment durations: each token's duration is its last code."""
+    return _train_rvq(tiny_tables, tmp_path_factory.mktemp("taste_rvq_durations"), unit_alignment="durations")
+
+
+@pytest.mark.parametrize("alignment", ["none", "durations"])
+def test_codes_are_per_text_token_and_padding_is_marked(alignment):
+    """With unit_alignment durations each token's last code is its duration, and decoding reads where
+    each token lies off the codes too."""
     torch.manual_seed(0)
     m = TasteModel(ModelConfig(variant="taste_rvq", vocab_size=16, d_model=32, n_heads=2, n_layers=1, d_ff=64,
-                               agg_layers=1, agg_heads=2, agg_ffn=64, rvq_levels=3, rvq_codebook_size=8))
+                               agg_layers=1, agg_heads=2, agg_ffn=64, rvq_levels=3, rvq_codebook_size=8,
+                               unit_alignment=alignment))
     g = torch.Generator().manual_seed(0)
     m.init_codebooks(torch.randn(64, 384, generator=g))
     assert m.codebooks_ready
@@ -43,15 +56,22 @@ def test_codes_are_per_text_token_and_padding_is_marked():
              "unit_len": torch.tensor([9, 4])}
     m.eval()
     codes = m.encode(batch)
-    assert codes.shape == (2, 5, 3)
+    extra = int(alignment == "durations")
+    assert codes.shape == (2, 5, 3 + extra)
     assert (codes[0] >= 0).all() and (codes[1, :2] >= 0).all() and (codes[1, 2:] == -1).all()
-    assert m.cfg.bits_per_token == 3 * 3
+    assert m.cfg.bits_per_token == 3 * 3 + 8 * extra
+    if extra:
+        assert codes[:, :, -1].clamp(min=0).sum(1).tolist() == [30, 12]  # every frame in some token's span
     # Decoding from the codes alone is decoding from the speech: same logits, no Whisper states needed.
     from_codes = dict(batch, codes=codes, mid=None, last=None, frame_len=None)
     torch.testing.assert_close(m(from_codes)[0], m(batch)[0])
     m.train()
     _, losses = m(batch)
     assert set(losses) == {"ce", "commit", "loss"} and torch.isclose(losses["loss"], losses["ce"] + losses["commit"])
+    if extra:  # another token's duration changes what is decoded
+        moved = codes.clone()
+        moved[0, 0, -1], moved[0, 1, -1] = codes[0, 1, -1], codes[0, 0, -1]
+        assert not torch.allclose(m(dict(from_codes, codes=moved))[0][0], m(from_codes)[0][0])
     with pytest.raises(ValueError, match="no quantizer"):
         TasteModel(ModelConfig(variant="taste", vocab_size=16, d_model=32, n_heads=2, n_layers=1, d_ff=64,
                                agg_layers=1, agg_heads=2, agg_ffn=64)).encode(batch)
@@ -75,7 +95,10 @@ def test_the_checkpoint_names_its_features_and_training_used_the_quantizer(rvq_d
     assert info["model_args"]["variant"] == "taste_rvq"
 
 
-def test_tokenize_split_writes_the_codes_the_api_gives(rvq_dir, tiny_tables, tmp_path):
+@pytest.mark.parametrize("model", ["rvq_dir", "rvq_durations_dir"])
+def test_tokenize_split_writes_the_codes_the_api_gives(model, tiny_tables, tmp_path, request):
+    rvq_dir = request.getfixturevalue(model)
+    bits = 3 * 4 + (8 if model == "rvq_durations_dir" else 0)
     out = tmp_path / "codes.parquet"
     n = tokenizer.tokenize_split(rvq_dir, tiny_tables["manifest_path"], tiny_tables["whisper_path"],
                                  tiny_tables["text_path"], out, batch_size=3, rows_per_group=5)
@@ -84,9 +107,9 @@ def test_tokenize_split_writes_the_codes_the_api_gives(rvq_dir, tiny_tables, tmp
     assert n == table.num_rows == manifest.num_rows
     assert table.column("utt_id").to_pylist() == manifest.column("utt_id").to_pylist()
     meta = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}
-    assert float(meta["bits_per_token"]) == 3 * 4
+    assert float(meta["bits_per_token"]) == bits
     tokens = sum(len(t) for t in table.column("token_ids").to_pylist())
-    assert float(meta["bitrate_bps"]) == pytest.approx(tokens * 12 / float(np.sum(manifest.column("duration"))))
+    assert float(meta["bitrate_bps"]) == pytest.approx(tokens * bits / float(np.sum(manifest.column("duration"))))
     # The API from the audio file gives the stage's codes (the same features, rounded as the table stores them).
     tok = TasteTokenizer.load(rvq_dir)
     row = manifest.to_pylist()[0]
@@ -97,6 +120,18 @@ def test_tokenize_split_writes_the_codes_the_api_gives(rvq_dir, tiny_tables, tmp
     tokenizer.tokenize_split(rvq_dir, tiny_tables["manifest_path"], tiny_tables["whisper_path"],
                              tiny_tables["text_path"], again, batch_size=1, rows_per_group=64)
     assert tables.read_codes(again).column("codes").to_pylist() == table.column("codes").to_pylist()
+    # Decoding needs the codes and the transcript only: with durations, where each token lies too.
+    units = tok.decode(codes, row["text"], max_units=30)
+    assert 0 < len(units) <= 30
+    if model == "rvq_durations_dir":
+        assert meta["duration_bits"] == "8" and codes.shape[1] == 4
+        whisper = tables.read_whisper(tiny_tables["whisper_path"])
+        assert whisper.column("utt_id")[0].as_py() == row["utt_id"]
+        assert codes[:, -1].sum() == whisper.column("num_frames")[0].as_py()  # each frame in a token's span
+        wrong = codes.copy()
+        wrong[0, -1] = 256
+        with pytest.raises(TokenizerError, match="duration"):
+            tok.decode(wrong, row["text"])
 
 
 def test_codes_table_is_checked():
@@ -112,6 +147,14 @@ def test_codes_table_is_checked():
                                 "codes": tables.code_column([np.array([[0, 4], [1, 2]])], 2)}, schema=schema)
     with pytest.raises(tables.SchemaError, match=r"outside \[0, 4\)"):
         tables.validate_codes(bad.replace_schema_metadata(meta))
+    timed = pa.Table.from_pydict({"utt_id": ["a"], "token_ids": [[1, 2]],
+                                  "codes": tables.code_column([np.array([[0, 3, 9], [1, 2, 255]])], 3)},
+                                 schema=tables.codes_schema(3))
+    tables.validate_codes(timed.replace_schema_metadata(meta | {"duration_bits": "8"}))
+    with pytest.raises(tables.SchemaError, match="duration code of 8 bits"):
+        tables.validate_codes(timed.replace_schema_metadata(meta | {"rvq_levels": "3", "duration_bits": "8"}))
+    with pytest.raises(tables.SchemaError, match=r"durations outside \[0, 16\)"):
+        tables.validate_codes(timed.replace_schema_metadata(meta | {"duration_bits": "4"}))
     short = pa.Table.from_pydict({"utt_id": ["a"], "token_ids": [[1, 2, 3]],
                                   "codes": tables.code_column([np.array([[0, 1], [1, 2]])], 2)}, schema=schema)
     with pytest.raises(tables.SchemaError, match="3 token ids but 2 rows"):

@@ -80,11 +80,15 @@ def quantizer_metrics(model, test, batch_size: int, device: str, buffer_rows: in
     tokenize table of the train split) the share of each level's codes never used on all of train."""
     cfg = model.cfg
     out = {"bits_per_token": cfg.bits_per_token, "bitrate_bps": tokens_per_s * cfg.bits_per_token}
-    out.update(metrics.codebook_stats(encode_all(model, test, batch_size, device, buffer_rows), cfg.rvq_codebook_size,
-                                      "codebook_"))
+    codes = encode_all(model, test, batch_size, device, buffer_rows)
+    out.update(metrics.codebook_stats(codes[:, : cfg.rvq_levels], cfg.rvq_codebook_size, "codebook_"))
+    if cfg.coded_durations:
+        # What the 8-bit duration code would cost entropy-coded (its empirical entropy on the test split).
+        p = np.bincount(codes[:, -1]) / len(codes)
+        out["duration_entropy_bits"] = float(-(p[p > 0] * np.log2(p[p > 0])).sum())
     if train_codes:
         t = tables.read_codes(train_codes)
-        codes = np.concatenate([tables.row_matrix(t, "codes", i) for i in range(t.num_rows)])
+        codes = np.concatenate([tables.row_matrix(t, "codes", i) for i in range(t.num_rows)])[:, : cfg.rvq_levels]
         dead = [float(np.mean(np.bincount(codes[:, k], minlength=cfg.rvq_codebook_size) == 0))
                 for k in range(codes.shape[1])]
         out.update({f"dead_codes_l{k + 1}": d for k, d in enumerate(dead)})

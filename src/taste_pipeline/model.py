@@ -68,7 +68,10 @@ class ModelArgs:
     # attention puts at frame r (the token attending most to it) — the token's span, read off the speech,
     # places its vector on the unit clock — and where r lies in that span (frames since it began, its
     # length), on Whisper's sinusoid basis. The decoder still sees one vector per token, plus where the
-    # speech says each token is. "none": the decoder finds its place in the text itself (TASTE).
+    # speech says each token is. "durations": the same, coded per token — each token's span is the
+    # number of frames the attention gives it (at most DURATION_MAX), the tokens laid end to end in text
+    # order; taste_rvq sends that count as one more code per token (8 bits), so its codes alone decode.
+    # "none": the decoder finds its place in the text itself (TASTE).
     unit_alignment: str = "none"
     d_model: int = 192
     n_heads: int = 4
@@ -119,7 +122,11 @@ class ModelArgs:
 
 
 AGG_OUTPUTS, UNIT_POSITIONS, AGG_INITS = ("attention", "residual"), ("whisper_sinusoid", "learned"), ("whisper", "fresh")
-UNIT_ALIGNMENTS = ("none", "attention")
+UNIT_ALIGNMENTS = ("none", "attention", "durations")
+# unit_alignment durations: a token's span in frames, coded in 8 bits (255 frames = 5.1 s; longer spans,
+# rare and mostly trailing silence, are cut there in training and coding alike).
+DURATION_BITS = 8
+DURATION_MAX = 2**DURATION_BITS - 1
 
 
 @dataclass(frozen=True)
@@ -143,8 +150,20 @@ class ModelConfig(ModelArgs):
 
     @property
     def bits_per_token(self) -> float:
-        """taste_rvq: bits of speech per text token (levels x log2 codebook size); 0 for the others."""
-        return self.rvq_levels * math.log2(self.rvq_codebook_size) if self.variant == "taste_rvq" else 0.0
+        """taste_rvq: bits of speech per text token (levels x log2 codebook size, plus the duration code's
+        8 bits with unit_alignment durations); 0 for the others."""
+        if self.variant != "taste_rvq":
+            return 0.0
+        return self.rvq_levels * math.log2(self.rvq_codebook_size) + (DURATION_BITS if self.coded_durations else 0)
+
+    @property
+    def coded_durations(self) -> bool:
+        return self.unit_alignment == "durations"
+
+    @property
+    def code_width(self) -> int:
+        """taste_rvq: codes per text token, the residual-VQ levels and then the duration code if any."""
+        return self.rvq_levels + self.coded_durations
 
     @property
     def end_id(self) -> int:
@@ -265,7 +284,7 @@ class Aggregator(nn.Module):
             self.register_buffer("frame_clock", sinusoids(cfg.max_len, d), persistent=False)
             self.time_proj = nn.Linear(d, d)
         self.time_code = cfg.agg_time_code
-        if cfg.unit_alignment == "attention":
+        if cfg.unit_alignment != "none":
             self.layers[-1].encoder_attn.keep_weights = True
         self.value_layers = cfg.agg_value_layers
         self.freeze_alignment = cfg.agg_freeze_alignment
@@ -425,10 +444,14 @@ class TasteModel(nn.Module):
             self.quantizer.quantize_dropout = dropout
 
     def encode(self, batch: dict) -> torch.Tensor:
-        """taste_rvq: the codes of each text token, (B, L, n_q), -1 at padding. Call in eval mode."""
+        """taste_rvq: the codes of each text token, (B, L, ``cfg.code_width``): the residual-VQ levels,
+        then (unit_alignment durations) the token's duration in frames; -1 at padding. Call in eval mode."""
         if self.cfg.variant != "taste_rvq":
             raise ValueError(f"a {self.cfg.variant} model has no quantizer: only taste_rvq gives codes")
-        return self.speech(batch)[1]
+        codes = self.speech(batch)[1]
+        if not self.cfg.coded_durations:
+            return codes
+        return torch.cat([codes, self.durations(batch)[..., None].masked_fill(codes[..., :1] < 0, -1)], dim=-1)
 
     def speech(self, batch: dict):
         """(speech vectors (B, L, d_audio), codes or None, auxiliary loss) of an aggregating variant. A
@@ -441,7 +464,10 @@ class TasteModel(nn.Module):
             if self.cfg.variant != "taste_rvq":
                 raise ValueError(f"a {self.cfg.variant} model has no quantizer to decode codes with")
             codes = batch["codes"]
-            return self.quantizer.get_output_from_indices(codes.clamp(min=0)) * text_mask[..., None], codes, zero
+            if codes.shape[-1] != self.cfg.code_width:
+                raise ValueError(f"{codes.shape[-1]} codes per token; this model takes {self.cfg.code_width}")
+            rvq = codes[..., : self.cfg.rvq_levels].clamp(min=0)
+            return self.quantizer.get_output_from_indices(rvq) * text_mask[..., None], codes, zero
         frame_mask = torch.arange(batch["mid"].shape[1], device=dev)[None] < batch["frame_len"][:, None]
         vectors = self.speech_vectors(text_emb, batch["mid"], batch["last"], frame_mask)
         if self.cfg.variant != "taste_rvq":
@@ -455,16 +481,42 @@ class TasteModel(nn.Module):
         real = torch.arange(w.shape[1], device=w.device)[None] < batch["text_len"][:, None]
         return w.masked_fill(~real[..., None], float("-inf")).argmax(1)
 
-    def placed(self, prefix: torch.Tensor, batch: dict, steps: int) -> torch.Tensor:
-        """unit_alignment attention: (B, steps, d_model), for unit-stream input r the fused vector of the
-        token at frame r (the last frame's token past the end) plus where r lies in that token's span."""
+    def durations(self, batch: dict) -> torch.Tensor:
+        """unit_alignment durations, after ``speech``: (B, L) the frames ``token_of_frame`` gives each
+        text token, at most DURATION_MAX; 0 at padding. From the batch's duration codes when it has codes."""
+        if batch.get("codes") is not None:
+            return batch["codes"][..., -1].clamp(min=0)
         tok = self.token_of_frame(batch)
-        r = torch.arange(steps, device=tok.device)[None]
-        f = torch.minimum(r, (batch["frame_len"] - 1)[:, None]).clamp(min=0)
-        idx = tok.gather(1, f.clamp(max=tok.shape[1] - 1))
-        # Steps past the last frame are a run of their own, so the last token's span is as long in
-        # training (padded to the batch's longest item) as in generate (padded to max_units).
-        since, length = token_spans(idx.masked_fill(r >= batch["frame_len"][:, None], -1))
+        real = torch.arange(tok.shape[1], device=tok.device)[None] < batch["frame_len"][:, None]
+        counts = torch.zeros(tok.shape[0], batch["text_emb"].shape[1], dtype=torch.long, device=tok.device)
+        return counts.scatter_add_(1, tok, real.long()).clamp(max=DURATION_MAX)
+
+    def step_tokens(self, prefix: torch.Tensor, batch: dict, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the text token at unit-stream step r (B, steps), the last token's past the speech's end;
+        where the speech ends (B,), in steps)."""
+        r = torch.arange(steps, device=prefix.device)[None]
+        if self.cfg.unit_alignment == "attention":
+            tok = self.token_of_frame(batch)
+            f = torch.minimum(r, (batch["frame_len"] - 1)[:, None]).clamp(min=0)
+            return tok.gather(1, f.clamp(max=tok.shape[1] - 1)), batch["frame_len"]
+        # durations: the tokens laid end to end in text order, token i on the steps from the sum of the
+        # durations before it to the sum up to it (a token of 0 frames holds none).
+        ends = self.durations(batch).cumsum(1)
+        idx = torch.searchsorted(ends, r.expand(ends.shape[0], -1).contiguous(), right=True)
+        return torch.minimum(idx, (batch["text_len"] - 1).clamp(min=0)[:, None]), ends[:, -1]
+
+    def placed(self, prefix: torch.Tensor, batch: dict, steps: int) -> torch.Tensor:
+        """unit_alignment: (B, steps, d_model), for unit-stream input r the fused vector of the token at
+        frame r (the last token past the end) plus where r lies in that token's span."""
+        # Spans are measured over all of the speech, however few steps are asked for, and steps past the
+        # last frame are a run of their own of length 0 (no span): so every step's input is the same in
+        # training (the batch's units), in evaluation and in generate (max_units).
+        _, end = self.step_tokens(prefix, batch, 1)
+        idx, end = self.step_tokens(prefix, batch, max(steps, int(end.max()) + 1))
+        r = torch.arange(idx.shape[1], device=idx.device)[None]
+        past = r >= end[:, None]
+        since, length = token_spans(idx.masked_fill(past, -1))
+        idx, since, length = idx[:, :steps], since[:, :steps], length.masked_fill(past, 0)[:, :steps]
         top = self.cfg.max_len - 1
         return (prefix.gather(1, idx[..., None].expand(-1, -1, prefix.shape[-1]))
                 + self.span_since(self.span_clock[since.clamp(max=top)])
@@ -476,8 +528,9 @@ class TasteModel(nn.Module):
         text = self.text_branch(batch["text_emb"])
         if self.cfg.variant not in AGGREGATING:
             return text, torch.zeros((), device=text.device)
-        if self.cfg.unit_alignment != "none" and batch.get("codes") is not None:
-            raise ValueError("train.unit_alignment: the codes do not carry where each token is; decode needs the speech")
+        if self.cfg.unit_alignment == "attention" and batch.get("codes") is not None:
+            raise ValueError("train.unit_alignment attention: the codes do not carry where each token is; decode "
+                             "needs the speech (unit_alignment durations codes it)")
         vectors, _, aux = self.speech(batch)
         speech = self.speech_branch(vectors)
         w = self.fusion_logits.softmax(0)

@@ -74,7 +74,8 @@ S3 = pa.schema([("utt_id", pa.string()), ("num_tokens", pa.int32()), ("tokens", 
 
 
 def codes_schema(levels: int) -> pa.Schema:
-    """TASTE tokens (the tokenize stage): per text token, one row of ``levels`` residual-VQ codes."""
+    """TASTE tokens (the tokenize stage): per text token, one row of ``levels`` codes: the residual-VQ
+    levels, then its duration in frames when the metadata has ``duration_bits``."""
     return pa.schema(
         [
             ("utt_id", pa.string()),
@@ -88,7 +89,8 @@ def codes_schema(levels: int) -> pa.Schema:
 WHISPER_COLUMNS = ("utt_id", "num_frames", "mid", "last")
 TEXT_COLUMNS = ("utt_id", "token_ids", "emb")
 CODES_COLUMNS = ("utt_id", "token_ids", "codes")
-# What a codes table's metadata must state: the model, its quantizer and the bitrate over the split.
+# What a codes table's metadata must state: the model, its quantizer and the bitrate over the split
+# (and ``duration_bits`` where each token's last code is its duration: train.unit_alignment durations).
 CODES_META = ("tokenizer.model", "rvq_levels", "rvq_codebook_size", "bits_per_token", "text_tokens_per_s", "bitrate_bps")
 
 # Whisper's encoder emits one frame per 320 samples (two 10 ms mel hops) at 16 kHz: 50 frames/s.
@@ -349,18 +351,23 @@ def validate_codes(table: pa.Table, where: str = "taste codes") -> pa.Table:
     missing = [k for k in CODES_META if k not in meta]
     if missing:
         raise SchemaError(f"{where}: metadata lacks {missing}")
-    if int(meta["rvq_levels"]) != levels:
-        raise SchemaError(f"{where}: {levels} codes per token, the metadata says rvq_levels {meta['rvq_levels']}")
+    rvq_levels, duration_bits = int(meta["rvq_levels"]), int(meta.get("duration_bits", 0))
+    if rvq_levels + (duration_bits > 0) != levels:
+        raise SchemaError(f"{where}: {levels} codes per token, the metadata says rvq_levels {rvq_levels}"
+                          + (f" and a duration code of {duration_bits} bits" if duration_bits else ""))
     _unique_ids(table.column("utt_id").to_pylist(), where)
     ids = table.column("token_ids").combine_chunks().value_lengths().to_numpy(zero_copy_only=False)
     codes = table.column("codes").combine_chunks()
     n = codes.value_lengths().to_numpy(zero_copy_only=False)
     for i in np.nonzero((ids != n) | (ids == 0))[0]:
         raise SchemaError(f"{where}: utt_id {table.column('utt_id')[int(i)].as_py()!r}: {ids[i]} token ids but {n[i]} rows of codes")
-    values = codes.flatten().flatten().to_numpy(zero_copy_only=False)
+    values = codes.flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, levels)
     size = int(meta["rvq_codebook_size"])
-    if len(values) and (values.min() < 0 or values.max() >= size):
+    rvq, durations = values[:, :rvq_levels], values[:, rvq_levels:]
+    if rvq.size and (rvq.min() < 0 or rvq.max() >= size):
         raise SchemaError(f"{where}: codes outside [0, {size})")
+    if durations.size and (durations.min() < 0 or durations.max() >= 2**duration_bits):
+        raise SchemaError(f"{where}: durations outside [0, {2**duration_bits}) frames")
     return table
 
 

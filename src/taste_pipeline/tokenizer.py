@@ -2,7 +2,7 @@
 
     from taste_pipeline.tokenizer import TasteTokenizer
     tok = TasteTokenizer.load("models/taste_rvq")
-    codes = tok.encode("speech.flac", "the transcript")   # (text tokens, n_q) integers
+    codes = tok.encode("speech.flac", "the transcript")   # (text tokens, n_q [+ 1 duration]) integers
     units = tok.decode(codes, "the transcript")           # free-running units, stops at END
 
     python -m taste_pipeline.tokenizer encode --model DIR AUDIO TEXT         # prints JSON
@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from . import audio, checkpoint, data, hardware, tables
+from . import model as model_mod
 from . import text as text_mod
 from . import whisper as whisper_mod
 
@@ -67,7 +68,8 @@ class TasteTokenizer:
 
     @property
     def levels(self) -> int:
-        return self.model.cfg.rvq_levels
+        """Codes per text token: the residual-VQ levels, and the duration code with unit_alignment durations."""
+        return self.model.cfg.code_width
 
     @property
     def codebook_size(self) -> int:
@@ -128,7 +130,8 @@ class TasteTokenizer:
 
     @torch.no_grad()
     def encode(self, speech, transcript: str) -> np.ndarray:
-        """(text tokens, n_q) codes of ``speech`` (a file path or ``(samples, rate)``) and its transcript."""
+        """(text tokens, ``levels``) codes of ``speech`` (a file path or ``(samples, rate)``) and its
+        transcript: n_q residual-VQ codes, then (unit_alignment durations) the token's frames."""
         ids = self.text_tokens(transcript)
         samples = self.load_audio(speech)
         # Rounded as the whisper table stores them: the model was trained on float16 states, and the
@@ -150,8 +153,11 @@ class TasteTokenizer:
         if codes.ndim != 2 or codes.shape != (len(ids), self.levels):
             raise TokenizerError(f"codes of shape {codes.shape}: the transcript has {len(ids)} text tokens and "
                                  f"{self.model_dir} has {self.levels} levels, so ({len(ids)}, {self.levels}) is needed")
-        if not np.issubdtype(codes.dtype, np.integer) or codes.min() < 0 or codes.max() >= self.codebook_size:
+        n_q = self.model.cfg.rvq_levels
+        if not np.issubdtype(codes.dtype, np.integer) or codes[:, :n_q].min() < 0 or codes[:, :n_q].max() >= self.codebook_size:
             raise TokenizerError(f"codes must be integers in [0, {self.codebook_size})")
+        if codes.shape[1] > n_q and (codes[:, n_q:].min() < 0 or codes[:, n_q:].max() > model_mod.DURATION_MAX):
+            raise TokenizerError(f"the last code of each token is its duration: frames in [0, {model_mod.DURATION_MAX}]")
         batch = dict(self._batch(ids), codes=torch.from_numpy(codes.astype(np.int64))[None].to(self.device))
         g = torch.Generator(device=self.device).manual_seed(seed)
         return self.model.generate(batch, max_units=max_units, top_k=top_k, generator=g)[0].tolist()
@@ -177,6 +183,8 @@ def tokenize_split(model_dir: str | Path, manifest_path: str | Path, whisper_pat
             "rvq_levels": str(model.cfg.rvq_levels), "rvq_codebook_size": str(model.cfg.rvq_codebook_size),
             "bits_per_token": str(model.cfg.bits_per_token), "text_tokens_per_s": str(n_tokens / seconds),
             "bitrate_bps": str(n_tokens * model.cfg.bits_per_token / seconds), "targets": info.get("targets", "")}
+    if model.cfg.coded_durations:
+        meta["duration_bits"] = str(model_mod.DURATION_BITS)
 
     @torch.no_grad()
     def encode(rows: list[dict], _audios) -> dict[str, list]:
@@ -189,11 +197,11 @@ def tokenize_split(model_dir: str | Path, manifest_path: str | Path, whisper_pat
             for i, c in zip(group, model.encode(batch).cpu().numpy()):
                 codes[i] = c[: len(ex[i].token_ids)]
         return {"token_ids": [ex[i].token_ids.astype(np.int32).tolist() for i in idx],
-                "codes": tables.code_column([codes[i] for i in idx], model.cfg.rvq_levels)}
+                "codes": tables.code_column([codes[i] for i in idx], model.cfg.code_width)}
 
     files = [Path(model_dir) / checkpoint.MODEL_FILE, Path(model_dir) / checkpoint.CONFIG_FILE,
              Path(whisper_path), Path(text_path)]
-    n = extract.run("tokenize", manifest_path, out_path, tables.codes_schema(model.cfg.rvq_levels), meta,
+    n = extract.run("tokenize", manifest_path, out_path, tables.codes_schema(model.cfg.code_width), meta,
                     {"batch_size": batch_size, "rows_per_group": rows_per_group}, encode, rows_per_group,
                     partial_dir, ranks, files, needs_audio=False)
     if ranks.rank == 0:
