@@ -126,3 +126,27 @@ def test_a_variant_overrides_only_its_own_params(tmp_path):
     assert (own.lr, own.epochs, model, init) == (0.0005, 3, "taste", "text_only")
     base, model, init = p.variant("taste")
     assert (base.lr, base.epochs, model, init) == (0.002, p.epochs, "taste", None)
+
+
+def test_every_dvc_exp_run_override_the_readme_shows_applies_to_params_yaml(tmp_path):
+    """The README's `dvc exp run -S ...` lines go through DVC's own override parser (Hydra: a key that
+    is not in params.yaml needs a leading +) and give params the stages load."""
+    import re
+    import shutil
+    from pathlib import Path
+
+    from dvc.utils.hydra import apply_overrides
+
+    from taste_pipeline import params as params_mod
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    commands = re.findall(r"dvc exp run((?: -S (?:'[^']*'|[^\s`']+))+)", readme)
+    assert commands
+    for cmd in commands:
+        overrides = [a.strip("'") for a in re.findall(r"-S ('[^']*'|[^\s`']+)", cmd)]
+        path = tmp_path / "params.yaml"
+        shutil.copy(root / "params.yaml", path)
+        apply_overrides(str(path), overrides)
+        for section in ("train", "evaluate"):
+            params_mod.load(section, path)
