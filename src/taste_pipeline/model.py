@@ -491,6 +491,11 @@ class TasteModel(nn.Module):
         counts = torch.zeros(tok.shape[0], batch["text_emb"].shape[1], dtype=torch.long, device=tok.device)
         return counts.scatter_add_(1, tok, real.long()).clamp(max=DURATION_MAX)
 
+    def speech_end(self, batch: dict) -> torch.Tensor:
+        """unit_alignment, after ``speech``: (B,) the step where the speech ends (its frames, or the sum of
+        its tokens' durations)."""
+        return batch["frame_len"] if self.cfg.unit_alignment == "attention" else self.durations(batch).sum(1)
+
     def step_tokens(self, prefix: torch.Tensor, batch: dict, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(the text token at unit-stream step r (B, steps), the last token's past the speech's end;
         where the speech ends (B,), in steps)."""
@@ -511,8 +516,7 @@ class TasteModel(nn.Module):
         # Spans are measured over all of the speech, however few steps are asked for, and steps past the
         # last frame are a run of their own of length 0 (no span): so every step's input is the same in
         # training (the batch's units), in evaluation and in generate (max_units).
-        _, end = self.step_tokens(prefix, batch, 1)
-        idx, end = self.step_tokens(prefix, batch, max(steps, int(end.max()) + 1))
+        idx, end = self.step_tokens(prefix, batch, max(steps, int(self.speech_end(batch).max()) + 1))
         r = torch.arange(idx.shape[1], device=idx.device)[None]
         past = r >= end[:, None]
         since, length = token_spans(idx.masked_fill(past, -1))
