@@ -87,7 +87,7 @@ def random_whisper(folder: Path, tokenizer_json: Path, **shape):
 
 
 def small_pipeline(work: Path, device: str, tokenizer_json: Path, train_utts: int, test_utts: int, out: dict) -> None:
-    from taste_pipeline import audio, corpus, data, evaluate, params, s3, text, train, whisper
+    from taste_pipeline import audio, corpus, data, evaluate, params, s3, text, train, train_params, whisper
 
     voices = ["en-us", "en-us+m3", "en-us+f1", "en+f4", "en-029", "en-gb-scotland"]
     t = time.perf_counter()
@@ -117,7 +117,7 @@ def small_pipeline(work: Path, device: str, tokenizer_json: Path, train_utts: in
         files[split] = {"manifest_path": m, "whisper_path": work / f"w_{split}.parquet",
                         "text_path": work / f"t_{split}.parquet", "s3_path": work / f"s_{split}.parquet"}
 
-    p = params.Train(device=device, amp="auto", epochs=3, patience=3, val_speakers=1, warmup_steps=10)
+    p = train_params.Train(device=device, amp="auto", epochs=3, patience=3, val_speakers=1, warmup_steps=10)
     amp = hardware.resolve_amp(p.amp, device)
     print(hardware.describe("auto", amp, "train.amp", device))
     p = dataclasses.replace(p, amp=amp)

@@ -21,7 +21,7 @@ import time
 import numpy as np
 import torch
 
-from taste_pipeline import data, hardware, params, train
+from taste_pipeline import data, hardware, train, train_params
 
 
 def synthetic(n: int, d_query: int, d_audio: int, vocab: int, seed: int = 0) -> list[data.Example]:
@@ -85,7 +85,7 @@ def run(model, examples, groups, cfg, device, amp: bool, pad: dict | None) -> di
 
 
 def main() -> None:
-    p = params.load("train")
+    p = train_params.load("train")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--utterances", type=int, default=96)
     ap.add_argument("--batch-size", type=int, default=p.batch_size)

@@ -10,7 +10,7 @@ name of train.variants and train.finetune).
 
 import argparse
 
-from taste_pipeline import evaluate, params
+from taste_pipeline import evaluate, params, train_params
 
 
 def main() -> None:
@@ -23,7 +23,8 @@ def main() -> None:
     ap.add_argument("plots_dir")
     ap.add_argument("--train-codes", help="tokenize table of the train split (codes of tokenize.model): dead codes")
     args = ap.parse_args()
-    p, t, tr, tk = params.load("evaluate"), params.load("text"), params.load("train"), params.load("tokenize")
+    p, t = train_params.load("evaluate"), params.load("text")
+    tr, tk = train_params.load("train"), train_params.load("tokenize")
     files = {"manifest_path": args.manifest, "whisper_path": args.whisper, "text_path": args.text, "s3_path": args.s3}
     variants = [*tr.variants, *tr.finetune]
     result = evaluate.run(files, args.train_s3, {v: f"{args.models_dir}/{v}" for v in variants}, t.model,

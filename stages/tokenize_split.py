@@ -9,7 +9,7 @@ module would be shadowed.)
 
 import argparse
 
-from taste_pipeline import params, tokenizer
+from taste_pipeline import tokenizer, train_params
 
 
 def main() -> None:
@@ -20,7 +20,7 @@ def main() -> None:
     ap.add_argument("out")
     ap.add_argument("--partial-dir", help="finished row groups of an interrupted run")
     args = ap.parse_args()
-    p = params.load("tokenize")
+    p = train_params.load("tokenize")
     n = tokenizer.tokenize_split(args.model_dir, args.manifest, args.whisper, args.text, args.out, p.batch_size,
                                  p.device, p.rows_per_group, args.partial_dir)
     print(f"{args.out}: {n} utterances")

@@ -16,7 +16,7 @@ import sys
 
 from dvclive import Live
 
-from taste_pipeline import checkpoint, data, hardware, params, train
+from taste_pipeline import checkpoint, data, hardware, params, train, train_params
 from taste_pipeline.ranks import Ranks, relaunch
 
 
@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--init", help="model dir of the variant this one starts from (train.finetune.<name>.init)")
     args = ap.parse_args()
     w, base = params.load("whisper"), params.load("base")
-    p, kind, init = params.load("train").variant(args.variant)
+    p, kind, init = train_params.load("train").variant(args.variant)
     if (init is None) != (args.init is None):
         sys.exit(f"train.finetune.{args.variant}.init is {init!r} but --init is {args.init!r}: run it as dvc.yaml does")
     if relaunch(p.processes, "train.processes"):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from taste_pipeline import hardware, params, s3, train
+from taste_pipeline import hardware, params, s3, train, train_params
 
 
 @pytest.fixture(params=[True, False], ids=["native-bf16", "avx2-only"])
@@ -60,7 +60,7 @@ def test_auto_device_without_a_gpu_is_the_cpu():
 
 
 def test_precision_params_default_to_auto():
-    assert params.Whisper().dtype == params.S3().dtype == params.Train().amp == "auto"
+    assert params.Whisper().dtype == params.S3().dtype == train_params.Train().amp == "auto"
 
 
 def test_torch_held_to_avx2_counts_as_no_native_bfloat16():

@@ -1,7 +1,14 @@
 import pytest
 import yaml
 
-from taste_pipeline import params
+from taste_pipeline import params, train_params
+
+SECTIONS = {**params.SECTIONS, **train_params.SECTIONS}
+
+
+def load(section, path):
+    """Any section, from whichever module holds it (as the stage scripts do)."""
+    return (train_params if section in train_params.SECTIONS else params).load(section, path)
 
 
 def _write(tmp_path, doc):
@@ -13,9 +20,10 @@ def _write(tmp_path, doc):
 def test_repo_params_load(monkeypatch):
     import pathlib
     root = pathlib.Path(__file__).parents[1] / "params.yaml"
-    for section in params.SECTIONS:
-        params.load(section, root)
-    syn = params.load("synthesize", root)
+    assert set(SECTIONS) == set(yaml.safe_load(root.read_text()))
+    for section in SECTIONS:
+        load(section, root)
+    syn = load("synthesize", root)
     assert syn.train_utterances >= 1000 and syn.test_utterances >= 150
     assert len(syn.train_voices) >= 6 and len(syn.test_voices) >= 2
 
@@ -45,7 +53,7 @@ def test_repo_params_load(monkeypatch):
 ])
 def test_bad_values_name_the_param(tmp_path, section, doc, match):
     with pytest.raises(params.ParamError, match=match):
-        params.load(section, _write(tmp_path, {section: doc}))
+        load(section, _write(tmp_path, {section: doc}))
 
 
 def test_stage_scripts_name_the_param_for_bad_inputs(tmp_path):
@@ -84,7 +92,7 @@ def test_defaults_in_code_equal_params_yaml():
     import pathlib
 
     doc = yaml.safe_load((pathlib.Path(__file__).parents[1] / "params.yaml").read_text())
-    for section, cls in params.SECTIONS.items():
+    for section, cls in SECTIONS.items():
         default = cls()
         assert set(doc[section]) == {f.name for f in dataclasses.fields(cls)}, section
         for key, value in doc[section].items():
@@ -96,9 +104,10 @@ def test_defaults_in_code_equal_params_yaml():
 def test_train_params_build_the_model_config_field_by_field():
     import dataclasses
 
-    from taste_pipeline.model import ModelArgs, ModelConfig
+    from taste_pipeline.model import ModelConfig
+    from taste_pipeline.train_params import ModelArgs
 
-    p = params.Train(d_model=64, n_layers=2, agg_layers=3, text_dropout=0.2)
+    p = train_params.Train(d_model=64, n_layers=2, agg_layers=3, text_dropout=0.2)
     cfg = ModelConfig.build(p, variant="taste", vocab_size=8, d_query=32, d_audio=32)
     for f in dataclasses.fields(ModelArgs):
         assert getattr(cfg, f.name) == getattr(p, f.name)
@@ -116,11 +125,11 @@ def test_train_params_build_the_model_config_field_by_field():
 ])
 def test_variants_are_checked_naming_the_param(tmp_path, doc, match):
     with pytest.raises(params.ParamError, match=match):
-        params.load("train", _write(tmp_path, {"train": doc}))
+        train_params.load("train", _write(tmp_path, {"train": doc}))
 
 
 def test_a_variant_overrides_only_its_own_params(tmp_path):
-    p = params.load("train", _write(tmp_path, {"train": {"lr": 0.002, "finetune": {
+    p = train_params.load("train", _write(tmp_path, {"train": {"lr": 0.002, "finetune": {
         "ft": {"model": "taste", "init": "text_only", "lr": 0.0005, "epochs": 3}}}}))
     own, model, init = p.variant("ft")
     assert (own.lr, own.epochs, model, init) == (0.0005, 3, "taste", "text_only")
@@ -137,8 +146,6 @@ def test_every_dvc_exp_run_override_the_readme_shows_applies_to_params_yaml(tmp_
 
     from dvc.utils.hydra import apply_overrides
 
-    from taste_pipeline import params as params_mod
-
     root = Path(__file__).resolve().parents[1]
     readme = (root / "README.md").read_text()
     commands = re.findall(r"dvc exp run((?: -S (?:'[^']*'|[^\s`']+))+)", readme)
@@ -149,4 +156,4 @@ def test_every_dvc_exp_run_override_the_readme_shows_applies_to_params_yaml(tmp_
         shutil.copy(root / "params.yaml", path)
         apply_overrides(str(path), overrides)
         for section in ("train", "evaluate"):
-            params_mod.load(section, path)
+            train_params.load(section, path)

@@ -53,7 +53,7 @@ sys.path.insert(0, sys.argv[1])
 from test_train import _examples
 from taste_pipeline import data, train
 from taste_pipeline.model import ModelConfig, TasteModel
-from taste_pipeline.params import Train
+from taste_pipeline.train_params import Train
 from taste_pipeline.ranks import Ranks
 
 class Recorder:

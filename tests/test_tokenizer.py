@@ -12,7 +12,7 @@ import torch
 
 from taste_pipeline import checkpoint, data, tables, tokenizer, train, whisper
 from taste_pipeline.model import ModelConfig, TasteModel
-from taste_pipeline.params import Train
+from taste_pipeline.train_params import Train
 from taste_pipeline.tokenizer import TasteTokenizer, TokenizerError
 
 TINY = dict(d_model=32, n_heads=2, n_layers=1, d_ff=64, agg_layers=2, epochs=2, batch_size=4, warmup_steps=2,

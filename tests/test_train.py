@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from taste_pipeline import checkpoint, data, params, train
-from taste_pipeline.params import Train
+from taste_pipeline.train_params import Train
 from taste_pipeline.model import ModelConfig, TasteModel
 
 

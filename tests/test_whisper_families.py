@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from taste_pipeline import params, text, train, whisper
+from taste_pipeline import text, train, train_params, whisper
 
 # (name, multilingual, languages, vocab, mel bins): English-only (tiny.en ... medium.en), multilingual
 # v1/v2 (tiny ... large-v2), large-v3 / turbo.
@@ -69,7 +69,7 @@ def test_the_embedded_tiny_en_prefix_is_openai_whispers_english_one():
 
 def test_the_aggregator_starts_behind_the_familys_prefix(family):
     folder, multilingual, languages, vocab = family
-    p = params.Train(d_model=32, n_heads=2, n_layers=1, d_ff=64, agg_layers=2)
+    p = train_params.Train(d_model=32, n_heads=2, n_layers=1, d_ff=64, agg_layers=2)
     model = train.build_model("taste", 16, 64, 64, p, str(folder), str(folder))
     table = whisper.load_model(str(folder)).model.decoder.embed_tokens.weight
     expected = openai_prefix(multilingual, languages)
@@ -97,10 +97,10 @@ def test_another_language_is_looked_up_and_an_unknown_one_is_named(family):
 
 def test_a_text_model_other_than_the_whisper_model_fails_naming_both(family, tmp_path):
     folder = family[0]
-    p = params.Train(d_model=32, n_heads=2, n_layers=1, d_ff=64, agg_layers=2)
+    p = train_params.Train(d_model=32, n_heads=2, n_layers=1, d_ff=64, agg_layers=2)
     with pytest.raises(ValueError, match="whisper.model.*text.model"):
         train.build_model("taste", 16, 384, 64, p, str(folder), whisper.EMBEDDED)
-    fresh = params.Train(d_model=32, n_heads=2, n_layers=1, d_ff=64, agg_layers=1, agg_init="fresh")
+    fresh = train_params.Train(d_model=32, n_heads=2, n_layers=1, d_ff=64, agg_layers=1, agg_init="fresh")
     train.build_model("taste", 16, 384, 64, fresh, str(folder), whisper.EMBEDDED)  # any text model with fresh
     train.build_model("text_only", 16, 384, 64, p, str(folder), whisper.EMBEDDED)  # no aggregator at all
 

@@ -28,101 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-VARIANTS = ("taste", "text_only", "speech_frames", "taste_rvq")
-# The variants with an aggregator (one speech vector per text token); taste_rvq quantizes the vectors.
-AGGREGATING = ("taste", "taste_rvq")
+from .train_params import AGGREGATING, VARIANTS, ModelArgs, ParamError
 
-
-class ConfigError(ValueError):
-    """A model hyperparameter (a ``train`` param) has a value the model cannot take; names the param."""
-
-
-@dataclass(frozen=True)
-class ModelArgs:
-    """Every architecture hyperparameter, with params.yaml's defaults (a test keeps them equal).
-
-    The ``train`` params inherit these fields, so adding a hyperparameter is one field here, its entry in
-    params.yaml and its use; checks name the param as ``train.<field>``.
-    """
-
-    agg_layers: int = 4  # aggregator layers (the pretrained Whisper decoder's first ones with agg_init whisper)
-    agg_init: str = "whisper"  # whisper: the pretrained Whisper decoder's first layers; fresh: random
-    # The last ``agg_value_layers`` aggregator layers take their values from the middle Whisper layer;
-    # the layers before them read keys = values = the last layer, the states the pretrained decoder
-    # was trained on, so they keep its text-to-audio alignment while they contextualize the queries.
-    agg_value_layers: int = 1
-    # Freeze every aggregator weight that decides where a token attends (the context layers, Whisper's
-    # prefix and positions, and the value layers' self-attention, norms, query and key projections).
-    # Trained on a small corpus they drift to attending a few "sink" frames for every token, and the
-    # speech vectors turn into one utterance summary; frozen, each token keeps Whisper's alignment and
-    # only what it reads from the values (v_proj, out_proj, MLP) is learned.
-    agg_freeze_alignment: bool = True
-    # "attention": a token's speech vector is what its value-layer cross-attention read (attention over
-    # mid-layer frames, after v_proj/out_proj); "residual": the aggregator's final hidden state, which
-    # also carries the token's text identity through the residual stream.
-    agg_output: str = "attention"
-    # Add to each speech vector where its token read: the value layers' attention over the frames' Whisper
-    # sinusoids (the unit clock's basis), so the vector states its word's time span, not only its sound.
-    agg_time_code: bool = False
-    # "attention": each unit input r also gets the fused vector of the text token that the value layer's
-    # attention puts at frame r (the token attending most to it) — the token's span, read off the speech,
-    # places its vector on the unit clock — and where r lies in that span (frames since it began, its
-    # length), on Whisper's sinusoid basis. The decoder still sees one vector per token, plus where the
-    # speech says each token is. "durations": the same, coded per token — each token's span is the
-    # number of frames the attention gives it (at most DURATION_MAX), the tokens laid end to end in text
-    # order; taste_rvq sends that count as one more code per token (8 bits), so its codes alone decode.
-    # "none": the decoder finds its place in the text itself (TASTE).
-    unit_alignment: str = "none"
-    d_model: int = 192
-    n_heads: int = 4
-    n_layers: int = 3
-    d_ff: int = 768
-    max_len: int = 2048  # unit positions: TASK + units (2048 = 41 s at 50 Hz)
-    # "whisper_sinusoid": a unit's position is a learned projection of the same sinusoid that Whisper's
-    # encoder adds to frame t, so the decoder's clock and the time code inside the speech vectors share
-    # one basis (the output at unit position t predicts the unit of frame t). "learned": a free table.
-    unit_positions: str = "whisper_sinusoid"
-    # Training only: the chance that an utterance's text branch is zeroed in the fused prefix, so the
-    # decoder has to learn to read the speech vectors instead of memorizing from text alone.
-    text_dropout: float = 0.0
-    dropout: float = 0.1
-    # taste_rvq: a residual VQ (vector-quantize-pytorch, as TASTE) turns each speech vector into
-    # rvq_levels codes of rvq_codebook_size entries: EMA codebooks k-means-initialised on the first batch,
-    # codes whose EMA use falls under rvq_dead_code replaced by batch vectors, the commitment loss
-    # (weight rvq_commitment) added to the loss, and quantizer dropout (train on a random 1..n_q levels).
-    rvq_levels: int = 4
-    rvq_codebook_size: int = 512
-    rvq_commitment: float = 1.0
-    rvq_decay: float = 0.99
-    rvq_dead_code: float = 0.05
-    rvq_dropout: bool = True
-
-    def check(self) -> None:
-        for name in ("d_model", "n_heads", "n_layers", "d_ff", "agg_layers", "max_len", "rvq_levels"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name}: must be at least 1, got {getattr(self, name)}")
-        if self.d_model % self.n_heads:
-            raise ConfigError(f"train.d_model: {self.d_model} is not divisible by train.n_heads {self.n_heads}")
-        for name in ("text_dropout", "dropout"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ConfigError(f"train.{name}: must be in [0, 1), got {getattr(self, name)}")
-        if self.rvq_codebook_size < 2:
-            raise ConfigError(f"train.rvq_codebook_size: must be at least 2, got {self.rvq_codebook_size}")
-        if not 0 < self.rvq_decay < 1:
-            raise ConfigError(f"train.rvq_decay: must be in (0, 1), got {self.rvq_decay}")
-        for name in ("rvq_commitment", "rvq_dead_code"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"train.{name}: must be 0 or more, got {getattr(self, name)}")
-        if not 1 <= self.agg_value_layers <= self.agg_layers:
-            raise ConfigError(f"train.agg_value_layers: {self.agg_value_layers} is not in 1..train.agg_layers ({self.agg_layers})")
-        for name, allowed in (("agg_output", AGG_OUTPUTS), ("unit_positions", UNIT_POSITIONS), ("agg_init", AGG_INITS),
-                              ("unit_alignment", UNIT_ALIGNMENTS)):
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"train.{name}: {getattr(self, name)!r} is not one of {list(allowed)}")
-
-
-AGG_OUTPUTS, UNIT_POSITIONS, AGG_INITS = ("attention", "residual"), ("whisper_sinusoid", "learned"), ("whisper", "fresh")
-UNIT_ALIGNMENTS = ("none", "attention", "durations")
 # unit_alignment durations: a token's span in frames, coded in 8 bits (255 frames = 5.1 s; longer spans,
 # rare and mostly trailing silence, are cut there in training and coding alike).
 DURATION_BITS = 8
@@ -377,7 +284,7 @@ class TasteModel(nn.Module):
         super().__init__()
         cfg.check()
         if cfg.variant not in VARIANTS:
-            raise ConfigError(f"train.variants: model {cfg.variant!r} is not one of {VARIANTS}")
+            raise ParamError(f"train.variants: model {cfg.variant!r} is not one of {VARIANTS}")
         self.cfg = cfg
         self.text_branch = nn.Linear(cfg.d_query, cfg.d_model)
         if cfg.variant in AGGREGATING:

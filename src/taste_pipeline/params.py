@@ -1,4 +1,8 @@
-"""params.yaml, one frozen dataclass per section: unknown keys and bad values fail naming the param."""
+"""params.yaml, one frozen dataclass per section: unknown keys and bad values fail naming the param.
+
+This module holds the loader and the sections of the stages before training; ``train_params`` holds
+train, tokenize and evaluate (and the model's hyperparameters), so each stage's code depends only on
+the params it reads."""
 
 from __future__ import annotations
 
@@ -10,7 +14,6 @@ from typing import Any, get_type_hints
 import yaml
 
 from . import hardware
-from .model import VARIANTS, ConfigError, ModelArgs
 
 
 class ParamError(ValueError):
@@ -147,122 +150,13 @@ class S3:
             raise ParamError(f"s3.rows_per_group: must be at least 1, got {self.rows_per_group}")
 
 
-@dataclass(frozen=True)
-class Train(ModelArgs):
-    """Training params; the architecture's fields (``ModelArgs``) are inherited from the model.
-
-    ``variants``: name -> {model: taste | text_only, and any other train param to override for this
-    variant alone}, each trained from scratch (``train@<name>``). ``finetune``: the same, plus ``init``,
-    the variant whose best checkpoint it starts from (``finetune@<name>``), so a curriculum is a chain
-    of DVC stages.
-    """
-
-    variants: dict = field(default_factory=lambda: {"taste": {"model": "taste"}, "text_only": {"model": "text_only"},
-                                                    "speech_frames": {"model": "speech_frames"}})
-    finetune: dict = field(default_factory=lambda: {"taste_rvq": {"model": "taste_rvq", "init": "taste", "lr": 0.0005,
-                                                                  "epochs": 4, "warmup_steps": 50}})
-    lr: float = 1e-3
-    epochs: int = 10
-    batch_size: int = 16
-    weight_decay: float = 0.01
-    warmup_steps: int = 100
-    grad_clip: float = 1.0
-    patience: int = 4
-    val_speakers: int = 3
-    device: str = "cpu"
-    processes: int = 1  # > 1: DistributedDataParallel under torchrun with this many local processes
-    amp: bool | str = "auto"  # autocast: auto (bfloat16 only where native), bfloat16, float16, true (bf16), false
-    checkpoint_steps: int = 0  # resume state every N steps (0: at epoch ends only)
-    buffer_rows: int = 2048  # utterances in memory at once (0: the whole split); batches sort within it
-    num_workers: int = 0  # DataLoader workers reading the next windows while one trains (memory: 1 + N windows)
-    agg_language: str = "en"  # language token of multilingual Whisper's prefix (agg_init whisper)
-    seed: int = 1337
-
-    def check(self):
-        try:
-            ModelArgs.check(self)
-        except ConfigError as e:
-            raise ParamError(str(e)) from None
-        if self.amp not in (True, False, *hardware.CHOICES):
-            raise ParamError(f"train.amp: {self.amp!r} is not true, false or one of {list(hardware.CHOICES)}")
-        if not self.lr > 0:
-            raise ParamError(f"train.lr: must be positive, got {self.lr}")
-        _device(self.device, "train.device")
-        for name in ("epochs", "batch_size", "processes"):
-            if getattr(self, name) < 1:
-                raise ParamError(f"train.{name}: must be at least 1, got {getattr(self, name)}")
-        for name in ("checkpoint_steps", "buffer_rows", "num_workers"):
-            if getattr(self, name) < 0:
-                raise ParamError(f"train.{name}: must be 0 or more, got {getattr(self, name)}")
-        for name in ("taste", "text_only"):
-            if self.variants.get(name, {}).get("model") != name:
-                raise ParamError(f"train.variants: needs {name}: {{model: {name}}} (evaluate compares the two)")
-        names = [*self.variants, *self.finetune]
-        if len(set(names)) < len(names):
-            raise ParamError(f"train.variants / train.finetune: a name is used twice in {names}")
-        for name in names:
-            self.variant(name)  # every variant's own params are checked too
-
-    def variant(self, name: str) -> tuple["Train", str, str | None]:
-        """This variant's params (its overrides applied), its model, and the variant it starts from."""
-        group = "variants" if name in self.variants else "finetune"
-        spec = (self.variants if group == "variants" else self.finetune).get(name)
-        where = f"train.{group}.{name}"
-        if not isinstance(spec, dict) or spec.get("model") not in VARIANTS:
-            raise ParamError(f"{where}: needs model: one of {list(VARIANTS)}, got {spec!r}")
-        init = spec.get("init")
-        if group == "finetune" and init not in [n for n in [*self.variants, *self.finetune] if n != name]:
-            raise ParamError(f"{where}.init: {init!r} is not another variant")
-        if group == "variants" and init is not None:
-            raise ParamError(f"{where}.init: a variant with init belongs under train.finetune")
-        overrides = {k: v for k, v in spec.items() if k not in ("model", "init")}
-        bad = sorted(set(overrides) & {"variants", "finetune"})
-        if bad:
-            raise ParamError(f"{where}: {bad} cannot be set per variant")
-        base = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("variants", "finetune")}
-        own = _coerce(where, Train, {**base, **overrides, "variants": {}, "finetune": {}}, check=False)
-        try:
-            ModelArgs.check(own)
-        except ConfigError as e:
-            raise ParamError(f"{where}: {e}") from None
-        return own, spec["model"], init
-
-
-@dataclass(frozen=True)
-class Tokenize:
-    model: str = "taste_rvq"  # the variant (models/<name>) whose codes the tokenize stage writes
-    batch_size: int = 32
-    device: str = "cpu"
-    rows_per_group: int = 64
-
-    def check(self):
-        for name in ("batch_size", "rows_per_group"):
-            if getattr(self, name) < 1:
-                raise ParamError(f"tokenize.{name}: must be at least 1, got {getattr(self, name)}")
-        _device(self.device, "tokenize.device")
-
-
-@dataclass(frozen=True)
-class Evaluate:
-    batch_size: int = 32
-    attention_utterances: int = 3
-    buffer_rows: int = 2048  # test utterances in memory at once (0: the whole split)
-    free_utterances: int = 64  # test utterances (spread over the split) scored free-running
-    free_top_k: int | None = 25  # free-running units sampled from the k likeliest (CosyVoice's top_k); null: greedy
-
-    def check(self):
-        if self.free_utterances < 1:
-            raise ParamError(f"evaluate.free_utterances: must be at least 1, got {self.free_utterances}")
-        if self.free_top_k is not None and self.free_top_k < 1:
-            raise ParamError(f"evaluate.free_top_k: must be at least 1 or null, got {self.free_top_k}")
-
-
+# The sections of the stages before training. train, tokenize and evaluate are in ``train_params``, so
+# that a change to a model hyperparameter re-runs no extraction stage.
 SECTIONS = {"base": Base, "data": Data, "synthesize": Synthesize, "resample": Resample,
-            "whisper": Whisper, "text": Text, "s3": S3, "train": Train, "tokenize": Tokenize,
-            "evaluate": Evaluate}
+            "whisper": Whisper, "text": Text, "s3": S3}
 
 
-def _coerce(section: str, cls, raw: dict[str, Any], check: bool = True):
+def coerce(section: str, cls, raw: dict[str, Any], check: bool = True):
     if not isinstance(raw, dict):
         raise ParamError(f"{section}: expected a mapping, got {type(raw).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}
@@ -294,10 +188,11 @@ def _coerce(section: str, cls, raw: dict[str, Any], check: bool = True):
     return obj
 
 
-def load(section: str, path: str | Path = "params.yaml"):
-    """One section of params.yaml as its dataclass."""
+def load(section: str, path: str | Path = "params.yaml", sections: dict | None = None):
+    """One section of params.yaml as its dataclass (from ``sections``, default: this module's)."""
+    sections = SECTIONS if sections is None else sections
+    if section not in sections:
+        raise KeyError(section)
     with open(path) as f:
         raw = yaml.safe_load(f) or {}
-    if section not in SECTIONS:
-        raise KeyError(section)
-    return _coerce(section, SECTIONS[section], raw.get(section, {}))
+    return coerce(section, sections[section], raw.get(section, {}))

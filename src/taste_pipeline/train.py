@@ -22,7 +22,7 @@ from . import hardware
 from .checkpoint import Progress, Resume, save_checkpoint, save_history
 from .data import Example, Loader, as_subset, batches, collate, fixed_batches, to_device
 from .model import AGGREGATING, ModelConfig, TasteModel
-from .params import Train
+from .train_params import Train
 from .ranks import Ranks
 
 
