@@ -197,6 +197,21 @@ def test_inputs_nobody_made_for_us_are_rejected_or_repaired_by_name(nobody_split
     np.testing.assert_allclose(x, _tone(16000, 1.0) * 2, atol=2e-4)  # scaled, not clipped: still a sine
 
 
+def test_transcripts_as_editors_leave_them_keep_their_utterances(tmp_path):
+    """A UTF-8 byte-order mark before the first id and a tab (or several blanks) between id and text are
+    read as meant: every utterance is kept with its text, none rejected as having no transcript line."""
+    d = tmp_path / "edited" / "3" / "30"
+    d.mkdir(parents=True)
+    for i in range(3):
+        sf.write(d / f"3-30-{i:04d}.wav", _tone(16000, 0.5), 16000)
+    (d / "3-30.trans.txt").write_bytes(b"\xef\xbb\xbf3-30-0000 FIRST LINE\r\n3-30-0001\tTABBED TEXT\r\n"
+                                       b"3-30-0002   MANY  BLANKS\r\n")
+    out = tmp_path / "out"
+    assert audio.resample_split(tmp_path / "edited", out) == (3, 0)
+    texts = {r["utt_id"]: r["text"] for r in tables.read_manifest(out / "manifest.parquet").to_pylist()}
+    assert texts == {"3-30-0000": "FIRST LINE", "3-30-0001": "TABBED TEXT", "3-30-0002": "MANY  BLANKS"}
+
+
 def test_strict_mode_stops_at_a_non_finite_file_and_at_a_repair(nobody_split, tmp_path):
     with pytest.raises(audio.BadInput, match=r"2-20-0000\.wav: 10 samples are NaN"):
         audio.resample_split(nobody_split, tmp_path / "out", strict=True)

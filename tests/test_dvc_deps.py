@@ -129,3 +129,10 @@ def test_a_training_stage_depends_on_its_own_variant_and_every_shared_train_para
     assert sorted(shared - set(listed)) == [], "shared train params missing from the stage's params"
     unknown = {p for p in listed if p.startswith("train.")} - shared - {f"train.{section}.${{key}}"}
     assert not unknown, f"params that are not train fields: {sorted(unknown)}"
+
+
+def test_the_package_has_no_import_cycle():
+    """A module never imports, however indirectly, a module that imports it back (lazy imports count)."""
+    modules = sorted(PACKAGE.glob("*.py"))
+    for module in modules:
+        assert module not in closure(module), f"{module.name} imports itself through {sorted(f.name for f in closure(module))}"

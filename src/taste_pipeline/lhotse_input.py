@@ -4,7 +4,7 @@ lhotse's recipes (``lhotse prepare librispeech``, ``libritts``, dozens more) wri
 ``<prefix>_recordings_<split>.jsonl.gz`` and ``<prefix>_supervisions_<split>.jsonl.gz``; ``data.root`` is
 the folder holding them. Each supervision becomes one utterance: its segment of its recording (a
 segment inside a long recording too), its channel(s) averaged to mono, read through lhotse whatever the
-audio format. The result is the same list of ``audio.Entry`` the LibriSpeech-layout scan gives, so the
+audio format. The result is the same list of ``inputs.Entry`` the LibriSpeech-layout scan gives, so the
 same checks, rejects, repairs and strict mode apply.
 
 Field mapping: ``utt_id`` = supervision id, ``speaker_id`` = supervision speaker, ``chapter_id`` = the
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .audio import BadInput, Entry, Reject, check_finite
+from .inputs import BadInput, Entry, Reject, check_finite
 
 
 def manifest_files(root: str | Path, split: str) -> tuple[Path, Path]:
