@@ -48,7 +48,8 @@ def main() -> None:
     # The held-out speaker follows base.seed, not train.seed: seeds then differ only in initialization and
     # batch order, so a seed sweep compares variants on the same data.
     train_ex, val_ex = data.speaker_split(split, p.val_speakers, base.seed)
-    model = train.build_model(kind, int(meta["vocab_size"]), *split.widths, p, w.model, split.text_model)
+    model = train.build_model(kind, int(meta["vocab_size"]), *split.widths, p, w.model, split.text_model,
+                              data.max_units_per_token(train_ex))
     if args.init:
         got = train.init_from(model, args.init)
         print(f"{args.variant}: starts from {args.init} ({len(got['copied'])} tensors; fresh: {len(got['fresh'])})")

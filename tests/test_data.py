@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from taste_pipeline import data, tables, train
-from test_train import _examples, _model
+from test_train import _examples, _Grouped, _model
 
 
 def test_lazy_split_gives_what_the_tables_hold(tiny_tables):
@@ -52,13 +52,6 @@ def test_a_split_that_fits_the_buffer_is_sorted_whole():
     assert plan == [want]
 
 
-class _Grouped(data.InMemory):
-    """An in-memory source whose utterances sit in row groups of 6 (as a Parquet split would)."""
-
-    def row_group(self, i):
-        return i // 6
-
-
 def test_a_small_buffer_keeps_windows_small_and_covers_every_utterance_once():
     src = _Grouped(_examples(n=40))
     plan = data.batches(data.as_subset(src), 4, random.Random(1), buffer_rows=12)
@@ -99,7 +92,7 @@ def test_predictions_do_not_depend_on_the_buffer():
 
 
 def test_training_with_a_small_buffer_learns(tmp_path):
-    from taste_pipeline.params import Train
+    from taste_pipeline.train_params import Train
 
     tr, va = data.speaker_split(_Grouped(_examples(n=30)), 1, seed=0)
     cfg = Train(lr=3e-3, epochs=4, batch_size=4, warmup_steps=2, patience=10, amp=False, seed=0, buffer_rows=8)
@@ -141,7 +134,7 @@ def test_workers_read_ahead_and_give_the_same_batches(tiny_tables, tmp_path):
 
 
 def test_training_with_workers_is_the_training_without(tiny_tables, tmp_path):
-    from taste_pipeline.params import Train
+    from taste_pipeline.train_params import Train
 
     split, meta = data.load_split(**_small_groups(tiny_tables, tmp_path))
     tr, va = data.speaker_split(split, 1, seed=0)

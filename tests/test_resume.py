@@ -17,7 +17,7 @@ import torch
 from test_train import _examples
 from taste_pipeline import data, train
 from taste_pipeline.model import ModelConfig, TasteModel
-from taste_pipeline.params import Train
+from taste_pipeline.train_params import Train
 from taste_pipeline.ranks import Ranks
 out_dir, resume_dir, kill_at, log_path = sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
 ranks = Ranks.from_env()  # under torchrun: 2 ranks, and only the last one is killed
@@ -112,7 +112,7 @@ def test_two_ranks_killed_resume_together_to_the_same_result(tmp_path):
 def test_the_fingerprint_ignores_the_device():
     """Under torchrun each rank's device differs (cuda:0, cuda:1): all must find the same state."""
     from taste_pipeline import checkpoint
-    from taste_pipeline.params import Train
+    from taste_pipeline.train_params import Train
 
     assert checkpoint.fingerprint(Train(device="cuda:0"), "taste") == checkpoint.fingerprint(Train(device="cuda:1"), "taste")
 
@@ -120,7 +120,7 @@ def test_the_fingerprint_ignores_the_device():
 @pytest.mark.slow
 def test_a_state_for_other_params_or_inputs_is_not_resumed(tmp_path):
     from taste_pipeline import checkpoint
-    from taste_pipeline.params import Train
+    from taste_pipeline.train_params import Train
 
     first = _run(tmp_path, tmp_path / "model", tmp_path / "resume", 8, tmp_path / "log.json")
     assert first.returncode == -9

@@ -93,3 +93,48 @@ def test_stages_write_named_targets(tiny_resampled, tmp_path):
     table = tables.read_s3(tmp_path / "s3.parquet")
     assert n == table.num_rows == 8
     assert table.schema.metadata[b"targets"].decode() == info["name"] == s3.standin_name(8)
+
+
+AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
+@pytest.mark.slow
+def test_standin_targets_do_not_depend_on_the_cpu_kind(tiny_resampled, tmp_path):
+    """Fitted and applied under this CPU's torch kernels and under torch held to AVX2 (as on a CPU
+    without AVX-512), the stand-in gives the same tokenizer file and the same units. (Where this CPU
+    has only AVX2 both runs take the same path; the check bites on AVX-512 and AMX machines.)"""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, numpy as np, torch\n"
+        "from taste_pipeline import audio, s3, tables\n"
+        "m = sys.argv[1]\n"
+        "from pathlib import Path\n"
+        "rows = tables.read_manifest(m).to_pylist()\n"
+        "speech = [audio.load_utterance(Path(m).parent, r) for r in rows]\n"
+        "tok = s3.StandinUnits.fit(speech, 32, seed=7)\n"
+        "tok.save(sys.argv[2] + '.safetensors')\n"
+        "np.save(sys.argv[2] + '.npy', np.concatenate(tok.tokenize(speech)))\n"
+        "print(torch.backends.cpu.get_cpu_capability())\n")
+    runs = {}
+    for name, env in (("native", {}), ("avx2", AVX2_ONLY)):
+        r = subprocess.run([sys.executable, "-c", script, str(tiny_resampled / "manifest.parquet"), str(tmp_path / name)],
+                           env={**os.environ, **env}, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        runs[name] = r.stdout.strip()
+    assert runs["avx2"] == "AVX2"
+    assert np.array_equal(np.load(tmp_path / "native.npy"), np.load(tmp_path / "avx2.npy"))
+    assert (tmp_path / "native.safetensors").read_bytes() == (tmp_path / "avx2.safetensors").read_bytes()
+
+
+def test_standin_features_sit_on_the_grid_in_float64(speech):
+    f = s3.standin_features(speech[0], "utterance")
+    assert f.dtype == np.float64
+    np.testing.assert_allclose(f / s3.FEATURE_GRID, np.round(f / s3.FEATURE_GRID), atol=1e-6)
+    # the same features as s3tokenizer's float32 log-mel, up to float32 rounding and the grid
+    ref = s3._cmvn(s3.pooled_log_mel(speech[0]))
+    np.testing.assert_allclose(f, ref, atol=s3.FEATURE_GRID)
+    mel32 = s3.log_mel(speech[0]).numpy()
+    np.testing.assert_allclose(s3.log_mel64(speech[0]).numpy(), mel32, atol=2e-4)

@@ -24,6 +24,13 @@ def _examples(n=24, speakers=4, seed=0):
     return out
 
 
+class _Grouped(data.InMemory):
+    """An in-memory source whose utterances sit in row groups of 6 (as a Parquet split would)."""
+
+    def row_group(self, i):
+        return i // 6
+
+
 def _model(variant="taste"):
     torch.manual_seed(0)
     return TasteModel(ModelConfig(variant=variant, vocab_size=8, d_model=32, n_heads=2, n_layers=2, d_ff=64,
@@ -129,3 +136,46 @@ def test_a_finetuned_variant_starts_from_the_other_checkpoint(tmp_path):
                                                           agg_init="fresh"), None)
     with pytest.raises(ValueError, match="shapes differ"):
         train.init_from(wider, tmp_path / "text_only")
+
+
+def test_the_schedule_spans_every_step_windowed_batching_takes(tmp_path):
+    """With buffer_rows under the split, each window ends in a short batch: more steps than ceil(N / batch)
+    per epoch. The cosine must reach its floor at the last step, not bottom out before it."""
+    ex = _examples(n=40, speakers=4)
+    tr, va = data.speaker_split(_Grouped(ex), 1, seed=0)
+    cfg = Train(lr=1e-3, epochs=3, batch_size=3, warmup_steps=2, patience=10, amp=False, seed=0, buffer_rows=7)
+    lrs = []
+
+    class Live:
+        def log_metric(self, name, value):
+            if name == "train/lr":
+                lrs.append(value)
+
+        def next_step(self):
+            pass
+
+    summary = train.fit(_model(), tr, va, cfg, out_dir=tmp_path, live=Live())
+    assert summary["steps"] == len(lrs) == train.planned_steps(tr, cfg) > 3 * -(-len(tr) // 3)
+    assert lrs[-1] == pytest.approx(train.lr_at(len(lrs) - 1, len(lrs), cfg))
+    assert lrs[-2] > lrs[-1] > 0.1 * cfg.lr  # still decaying at the end: the floor is reached after the last step
+
+
+def test_codebooks_start_from_a_sample_of_the_whole_split_not_its_shortest_utterances(monkeypatch):
+    """Each utterance's speech vectors here are its text length: the k-means sample must hold long
+    utterances as well as short ones, drawn with the seed."""
+    g = torch.Generator().manual_seed(0)
+    ex = [data.Example(f"0-0-{i:04d}", "0", "x", np.arange(n), torch.full((n, 384), float(n)).half(),
+                       torch.randn(8, 384, generator=g).half(), torch.randn(8, 384, generator=g).half(),
+                       torch.zeros(8, dtype=torch.long)) for i, n in enumerate(range(1, 101))]
+    torch.manual_seed(0)
+    model = TasteModel(ModelConfig(variant="taste_rvq", vocab_size=8, d_model=32, n_heads=2, n_layers=1, d_ff=64,
+                                   agg_layers=1, agg_heads=2, agg_ffn=64, rvq_codebook_size=32))
+    monkeypatch.setattr(model, "speech_vectors", lambda text_emb, mid, last, mask: text_emb.float())
+    seen = []
+    monkeypatch.setattr(model, "init_codebooks", lambda v: seen.append(v[:, 0].clone()))
+    cfg = Train(batch_size=8, amp=False, seed=3)
+    assert train.init_codebooks(model, ex, cfg) == 8 * 32
+    lengths = seen[0]
+    assert len(lengths) == 256 and lengths.max() > 60 and lengths.mean() > 30  # the 22 shortest hold 253 tokens
+    assert lengths.tolist() != train.codebook_sample(ex, 256, seed=4).indices
+    assert train.codebook_sample(ex, 256, seed=3).indices == train.codebook_sample(ex, 256, seed=3).indices

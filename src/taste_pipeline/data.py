@@ -202,6 +202,12 @@ def as_subset(data) -> Subset:
     return Subset(source, list(range(len(source))))
 
 
+def max_units_per_token(data) -> float:
+    """The most target units per text token of any utterance of ``data`` (the free-running length cap)."""
+    data = as_subset(data)
+    return max(data.source.num_units(i) / max(1, data.source.num_text_tokens(i)) for i in data.indices)
+
+
 def load_split(manifest_path, whisper_path, text_path, s3_path) -> tuple[Split, dict]:
     """Join the four tables of a split on utt_id (lazily); an utterance missing from any of them is an error."""
     split = Split(manifest_path, whisper_path, text_path, s3_path)

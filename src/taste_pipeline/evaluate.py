@@ -25,6 +25,7 @@ def _write_json(path: Path, obj) -> None:
 def attention(model, ex: data.Example) -> np.ndarray:
     """(text tokens, frames) cross-attention of the aggregator's last layer, mean over heads."""
     attn = model.aggregator.layers[-1].encoder_attn
+    kept = attn.keep_weights, attn.last_weights  # an aligned model needs its own back as they were
     attn.keep_weights = True
     device = next(model.parameters()).device
     try:
@@ -33,13 +34,8 @@ def attention(model, ex: data.Example) -> np.ndarray:
         model.speech_vectors(b["text_emb"], b["mid"], b["last"], mask)
         w = attn.last_weights[0].mean(0)[model.aggregator.num_prefix :]
     finally:
-        attn.keep_weights, attn.last_weights = False, None
+        attn.keep_weights, attn.last_weights = kept
     return w.float().cpu().numpy()
-
-
-# Free-running generation stops at END or at this many times the batch's longest target (+ 1 s):
-# far past any sane length, so a model that never says END shows as no_end, not as a long run.
-GENERATE_SLACK = 2.0
 
 
 def spread(n: int, k: int) -> list[int]:
@@ -50,14 +46,15 @@ def spread(n: int, k: int) -> list[int]:
 @torch.no_grad()
 def generate_all(model, test, batch_size: int, device: str = "cpu", buffer_rows: int = 0, top_k: int | None = None,
                  seed: int = 0) -> list[tuple[np.ndarray, bool]]:
-    """Free-running units for each test utterance (in its order) and whether it hit the cap: sampled from
-    the ``top_k`` likeliest with a generator seeded with ``seed`` (greedy when None)."""
+    """Free-running units for each test utterance (in its order) and whether it hit the cap (the model's
+    ``unit_cap`` of its text length, never its reference length): sampled from the ``top_k`` likeliest
+    with a generator seeded with ``seed`` (greedy when None)."""
     model.eval()
     g = torch.Generator(device=device).manual_seed(seed)
     out = {}
     for group, batch in data.fixed_batches(test, batch_size, buffer_rows, device):
-        cap = min(int(GENERATE_SLACK * int(batch["unit_len"].max())) + 50, model.cfg.max_len - 1)
-        for i, units in zip(group, model.generate(batch, max_units=cap, top_k=top_k, generator=g)):
+        caps = model.cfg.unit_cap(batch["text_len"]).tolist()
+        for i, units, cap in zip(group, model.generate(batch, top_k=top_k, generator=g), caps):
             out[i] = (units.cpu().numpy(), len(units) >= cap)
     return [out[i] for i in data.as_subset(test).indices]
 

@@ -34,6 +34,10 @@ from .train_params import AGGREGATING, VARIANTS, ModelArgs, ParamError
 # rare and mostly trailing silence, are cut there in training and coding alike).
 DURATION_BITS = 8
 DURATION_MAX = 2**DURATION_BITS - 1
+# Free-running generation stops an item that has not said END at GENERATE_SLACK x the training data's most
+# units per text token, times its text tokens, + GENERATE_EXTRA units (1 s): far past any sane length, so
+# a model that never says END shows as no_end, not as a long run.
+GENERATE_SLACK, GENERATE_EXTRA = 2.0, 50
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,10 @@ class ModelConfig(ModelArgs):
     agg_ffn: int = 1536
     max_text: int = 448  # aggregator positions, Whisper's prefix included
     agg_prefix: int = 2  # tokens before the text: 2 for English-only Whisper (and fresh), 4 for multilingual
+    # The most units per text token of any training utterance: free-running generation stops an item at
+    # GENERATE_SLACK times that many units per token of its text (what a user has; never the reference
+    # length). 0: not known (a checkpoint from before it was kept), the cap is max_len.
+    max_units_per_token: float = 0.0
 
     @classmethod
     def build(cls, args: ModelArgs, **rest) -> "ModelConfig":
@@ -71,6 +79,14 @@ class ModelConfig(ModelArgs):
     def code_width(self) -> int:
         """taste_rvq: codes per text token, the residual-VQ levels and then the duration code if any."""
         return self.rvq_levels + self.coded_durations
+
+    def unit_cap(self, text_len: torch.Tensor) -> torch.Tensor:
+        """(B,) the most units ``generate`` gives an item of ``text_len`` text tokens (see max_units_per_token)."""
+        top = torch.full_like(text_len, self.max_len - 1)
+        if self.max_units_per_token <= 0:
+            return top
+        cap = torch.ceil(GENERATE_SLACK * self.max_units_per_token * text_len.float()).long() + GENERATE_EXTRA
+        return torch.minimum(cap, top)
 
     @property
     def end_id(self) -> int:
@@ -538,12 +554,15 @@ class TasteModel(nn.Module):
         then sampled from the ``top_k`` likeliest (``generator`` makes it repeatable). Call in eval mode.
 
         Each item's sequence is [its prefix, TASK, u_1 ..] as in ``forward``; shorter prefixes are padded
-        at the end and the padding is masked out of every later position's attention.
+        at the end and the padding is masked out of every later position's attention. Without
+        ``max_units`` each item stops at ``cfg.unit_cap`` of its text length.
         """
         text_emb, text_len = batch["text_emb"], batch["text_len"]
         B, L, _ = text_emb.shape
         dev = text_emb.device
-        max_units = min(max_units or self.cfg.max_len - 1, self.cfg.max_len - 1)
+        limit = (self.cfg.unit_cap(text_len) if max_units is None
+                 else torch.full_like(text_len, min(max_units, self.cfg.max_len - 1)))
+        max_units = int(limit.max())
         prefix, _ = self.prefix(batch)
         pos = torch.arange(L + 1, device=dev)[None].expand(B, L + 1)
         is_prefix = pos < text_len[:, None]
@@ -579,7 +598,7 @@ class TasteModel(nn.Module):
                 probs = logits.masked_fill(logits < kth, float("-inf")).softmax(-1)
                 nxt = torch.multinomial(probs, 1, generator=generator)[:, 0]
             steps.append(nxt.masked_fill(done, self.cfg.end_id))
-            done |= nxt == self.cfg.end_id
+            done |= (nxt == self.cfg.end_id) | (t >= limit)
             if done.all() or t == max_units:
                 break
             h = self.unit_emb(nxt.clamp(max=self.cfg.vocab_size - 1))[:, None] + self.unit_position(

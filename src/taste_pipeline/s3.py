@@ -145,18 +145,47 @@ class S3Tokens:
 # Offline stand-in
 
 
+# The stand-in's units must not depend on the CPU: in float32, the FFT and matrix kernels that torch picks
+# for a CPU kind (AVX2, AVX-512, AMX) change the last bits of the log-mel, k-means amplifies them, and two
+# machines trained on different labels (a quarter of the frames relabelled). So its features are computed
+# in float64 (kernel differences ~1e-16) and rounded to a grid of FEATURE_GRID (a difference then changes a
+# value only if it straddles a grid boundary: ~1e-12 a value); k-means and the unit search run in float64.
+FEATURE_GRID = 1e-3
+
+
+def log_mel64(audio: np.ndarray) -> torch.Tensor:
+    """(128, n // 160): s3tokenizer's log-mel (same window, hop, filters, floor and scale) in float64."""
+    from s3tokenizer.utils import _mel_filters  # the 128-bin filterbank s3tokenizer ships
+
+    x = torch.from_numpy(np.asarray(audio, np.float64))
+    stft = torch.stft(x, 400, 160, window=torch.hann_window(400, dtype=torch.float64), return_complex=True)
+    mel = _mel_filters("cpu", 128).double() @ (stft[..., :-1].abs() ** 2)
+    log_spec = torch.clamp(mel, min=1e-10).log10()
+    return (torch.maximum(log_spec, log_spec.max() - 8.0) + 4.0) / 4.0
+
+
 def pooled_log_mel(audio: np.ndarray) -> np.ndarray:
-    """(ceil(n/320), 128): log-mel averaged over pairs of 10 ms frames, one row per 20 ms."""
-    mel = log_mel(audio).T.numpy()  # (n // 160, 128)
+    """(ceil(n/320), 128) float64: log-mel averaged over pairs of 10 ms frames, one row per 20 ms."""
+    mel = log_mel64(audio).T.numpy()  # (n // 160, 128)
     frames = frames_for(len(audio))
     need = 2 * frames
     if mel.shape[0] < need:  # the last partial 20 ms repeats the final 10 ms frame
-        mel = np.concatenate([mel, np.repeat(mel[-1:], need - mel.shape[0], axis=0)]) if len(mel) else np.zeros((need, 128), np.float32)
+        mel = np.concatenate([mel, np.repeat(mel[-1:], need - mel.shape[0], axis=0)]) if len(mel) else np.zeros((need, 128))
     return mel[:need].reshape(frames, 2, 128).mean(axis=1)
 
 
 def _cmvn(feats: np.ndarray) -> np.ndarray:
     return (feats - feats.mean(0)) / (feats.std(0) + 1e-5)
+
+
+def _on_grid(x: np.ndarray) -> np.ndarray:
+    return np.round(x / FEATURE_GRID) * FEATURE_GRID
+
+
+def standin_features(audio: np.ndarray, norm: str) -> np.ndarray:
+    """(frames, 128) float64 on the feature grid, before the global normalization."""
+    f = pooled_log_mel(audio)
+    return _on_grid(_cmvn(f) if norm == "utterance" else f)
 
 
 class StandinUnits:
@@ -170,23 +199,23 @@ class StandinUnits:
     def __init__(self, centroids: np.ndarray, mean: np.ndarray, std: np.ndarray, norm: str = "utterance"):
         if norm not in NORMS:
             raise ValueError(f"s3.standin_norm: {norm!r} is not one of {NORMS}")
-        self.centroids = torch.from_numpy(np.asarray(centroids, np.float32))
-        self.mean, self.std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+        self.centroids = torch.from_numpy(np.asarray(centroids, np.float64))
+        self.mean, self.std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
         self.norm = norm
         self.vocab_size = len(centroids)
         self.name = standin_name(self.vocab_size, norm)
 
     def features(self, audio: np.ndarray) -> np.ndarray:
-        f = pooled_log_mel(audio)
-        return _cmvn(f) if self.norm == "utterance" else f
+        return standin_features(audio, self.norm)
 
     @classmethod
     def fit(cls, audios: list[np.ndarray], units: int, seed: int, norm: str = "utterance",
             max_frames: int = 200_000) -> "StandinUnits":
         from sklearn.cluster import KMeans
 
-        feats = np.concatenate([_cmvn(pooled_log_mel(a)) if norm == "utterance" else pooled_log_mel(a) for a in audios])
-        mean, std = feats.mean(0), feats.std(0) + 1e-5
+        feats = np.concatenate([standin_features(a, norm) for a in audios])
+        # Mean and scale on the grid too: sums over all frames are where kernels differ most.
+        mean, std = _on_grid(feats.mean(0)), _on_grid(feats.std(0)) + FEATURE_GRID
         x = (feats - mean) / std
         if len(x) > max_frames:
             x = x[np.random.default_rng(seed).choice(len(x), max_frames, replace=False)]
@@ -207,8 +236,10 @@ class StandinUnits:
         from .tables import atomic_path
 
         with atomic_path(path) as tmp:
+            # One metadata key: safetensors writes several in a random order, and the file's bytes (its
+            # DVC hash, which decides whether the s3 stage re-runs) would differ between two equal fits.
             save_file({"centroids": self.centroids.numpy(), "mean": self.mean, "std": self.std}, str(tmp),
-                      metadata={"name": self.name, "norm": self.norm})
+                      metadata={"standin": json.dumps({"name": self.name, "norm": self.norm}, sort_keys=True)})
 
     @classmethod
     def load(cls, path: str | Path) -> "StandinUnits":
@@ -217,7 +248,8 @@ class StandinUnits:
         from safetensors import safe_open
 
         with safe_open(str(path), "np") as f:
-            norm = f.metadata()["norm"]
+            meta = f.metadata()
+        norm = json.loads(meta["standin"])["norm"] if "standin" in meta else meta["norm"]
         t = load_file(str(path))
         return cls(t["centroids"], t["mean"], t["std"], norm)
 

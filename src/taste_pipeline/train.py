@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from . import hardware
 from .checkpoint import Progress, Resume, save_checkpoint, save_history
-from .data import Example, Loader, as_subset, batches, collate, fixed_batches, to_device
+from .data import Example, Loader, Subset, as_subset, batches, collate, fixed_batches, to_device
 from .model import AGGREGATING, ModelConfig, TasteModel
 from .train_params import Train
 from .ranks import Ranks
@@ -65,24 +65,47 @@ def summarize(preds: list[dict]) -> dict:
     return {"nll": float(nll.mean()), "top1_acc": float(hit.mean())}
 
 
+def codebook_sample(data, tokens: int, seed: int):
+    """Utterances of ``data`` drawn at random (seeded) until they hold ``tokens`` text tokens: a sample of
+    the whole split for the codebooks' k-means, not its shortest utterances (batches are length-sorted)."""
+    data = as_subset(data)
+    order = list(data.indices)
+    random.Random(seed).shuffle(order)
+    chosen, n = [], 0
+    for i in order:
+        if n >= tokens:
+            break
+        chosen.append(i)
+        n += data.source.num_text_tokens(i)
+    return Subset(data.source, sorted(chosen))
+
+
 @torch.no_grad()
 def init_codebooks(model: TasteModel, data, cfg: Train, per_code: int = 8) -> int:
-    """taste_rvq: k-means-initialise the codebooks on the speech vectors of the first ``per_code`` x
-    codebook size text tokens of ``data`` (length-sorted batches, a fixed order); returns how many."""
+    """taste_rvq: k-means-initialise the codebooks on the speech vectors of ``per_code`` x codebook size
+    text tokens of utterances drawn at random from ``data`` (``codebook_sample``); returns how many."""
     want = per_code * model.cfg.rvq_codebook_size
     model.eval()
     got: list[torch.Tensor] = []
-    for _, batch in fixed_batches(data, cfg.batch_size, cfg.buffer_rows, cfg.device):
+    for _, batch in fixed_batches(codebook_sample(data, want, cfg.seed), cfg.batch_size, cfg.buffer_rows, cfg.device):
         mask = torch.arange(batch["text_emb"].shape[1], device=cfg.device)[None] < batch["text_len"][:, None]
         frames = torch.arange(batch["mid"].shape[1], device=cfg.device)[None] < batch["frame_len"][:, None]
         with autocast(cfg.device, cfg.amp):
             vectors = model.speech_vectors(batch["text_emb"], batch["mid"], batch["last"], frames)
         got.append(vectors[mask].float())
-        if sum(len(v) for v in got) >= want:
-            break
-    vectors = torch.cat(got)[:want]
-    model.init_codebooks(vectors)
-    return len(vectors)
+    vectors = torch.cat(got)
+    keep = torch.randperm(len(vectors), generator=torch.Generator().manual_seed(cfg.seed))[:want]
+    model.init_codebooks(vectors[keep.sort().values.to(vectors.device)])
+    return len(keep)
+
+
+def planned_steps(train_ex, cfg: Train) -> int:
+    """The optimizer steps of ``cfg.epochs`` epochs, for the schedule: each epoch's batch plan drawn as
+    ``fit`` draws it, from a fresh ``train.seed`` generator. Windowed batching (``buffer_rows`` smaller
+    than the split) cuts a short batch at every window's end, so this is more than ceil(N / batch) x epochs."""
+    rng = random.Random(cfg.seed)
+    return sum(sum(len(window) for window in batches(train_ex, cfg.batch_size, rng, cfg.buffer_rows))
+               for _ in range(cfg.epochs))
 
 
 def lr_at(step: int, total: int, cfg: Train) -> float:
@@ -173,7 +196,7 @@ def fit(model: TasteModel, train_ex, val_ex, cfg: Train, out_dir: str | Path,
     opt = configure_optimizer(model, cfg)
     # float16 autocast (CUDA without bf16) needs loss scaling; for bfloat16 and float32 this is a no-op.
     scaler = torch.amp.GradScaler(cfg.device.split(":")[0], enabled=hardware.resolve_amp(cfg.amp, cfg.device) == "float16")
-    total = math.ceil(len(train_ex) / cfg.batch_size) * cfg.epochs
+    total = planned_steps(train_ex, cfg)
     resume = Resume(resume_dir, fp, ranks, cfg.device) if resume_dir is not None else None
     # What made the features and the targets: the tokenizer rebuilds the same features from new audio.
     info = {"seed": cfg.seed, "train": dataclasses.asdict(cfg), "features": getattr(train_ex.source, "feature_meta", {}),
@@ -249,20 +272,23 @@ def fit(model: TasteModel, train_ex, val_ex, cfg: Train, out_dir: str | Path,
 
 
 def build_model(model: str, vocab_size: int, d_query: int, d_audio: int, p: Train,
-                whisper_model: str | None, text_model: str | None = None) -> TasteModel:
+                whisper_model: str | None, text_model: str | None = None,
+                max_units_per_token: float = 0.0) -> TasteModel:
     """A fresh ``model`` (taste or text_only) from the ``train`` params; the aggregator starts from
     Whisper's decoder with ``agg_init: whisper`` (behind the family's task prefix,
     ``whisper.prefix_tokens``), else random with Whisper's shape rule for its width (64-wide heads,
     FFN 4x the width).
 
     ``text_model`` is the text table's ``text.model``: with ``agg_init: whisper`` the Whisper decoder
-    reads the text embeddings, so they must be that Whisper's own.
+    reads the text embeddings, so they must be that Whisper's own. ``max_units_per_token``: the training
+    split's (``data.max_units_per_token``), the free-running length cap.
 
     The initial weights follow ``train.seed``: torch seeds its default generator at random in every
     process, so without this the same params would train a different model each run.
     """
     torch.manual_seed(p.seed)
-    cfg = ModelConfig.build(p, variant=model, vocab_size=vocab_size, d_query=d_query, d_audio=d_audio)
+    cfg = ModelConfig.build(p, variant=model, vocab_size=vocab_size, d_query=d_query, d_audio=d_audio,
+                            max_units_per_token=max_units_per_token)
     if model not in AGGREGATING:
         return TasteModel(dataclasses.replace(cfg, text_dropout=0.0))
     if p.agg_init == "fresh":
