@@ -124,8 +124,9 @@ def small_pipeline(work: Path, device: str, tokenizer_json: Path, train_utts: in
     split, meta = data.load_split(**files["tr"])
     train_ex, val_ex = data.speaker_split(split, p.val_speakers, 0)
     units = sum(split.num_units(i) for i in train_ex.indices)
-    for kind in ("taste", "text_only", "speech_frames"):
-        model = train.build_model(kind, int(meta["vocab_size"]), *split.widths, p, str(model_dir))
+    for kind, speech in (("taste", "tokens"), ("text_only", "none"), ("speech_frames", "frames")):
+        model = train.build_model(int(meta["vocab_size"]), *split.widths, dataclasses.replace(p, speech=speech),
+                                  str(model_dir))
         reset_peak(device)
         t = time.perf_counter()
         summary = train.fit(model, train_ex, val_ex, p, work / "models" / kind, None, work / "resume" / kind, "fp")

@@ -111,6 +111,8 @@ def main() -> None:
         doc["whisper"]["rows_per_group"] = 8
         doc["train"].update(epochs=1, batch_size=8, d_model=32, n_heads=2, n_layers=1, d_ff=64, agg_layers=1,
                             agg_init="fresh", val_speakers=1, buffer_rows=16, warmup_steps=1)
+        # The two variants it trains: the baseline (speech none) and the headline (speech tokens).
+        doc["train"].update(variants={"taste": {"speech": "tokens"}, "text_only": {"speech": "none"}}, finetune={})
         doc["evaluate"].update(buffer_rows=16, attention_utterances=1)
         (tmp / "params.yaml").write_text(yaml.safe_dump(doc))
         utt = speech_mix(None, [args.seconds])[0] if args.stage == "whisper" else None

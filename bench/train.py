@@ -107,7 +107,7 @@ def main() -> None:
             (f"project  (length-sorted, train.amp {args.amp} -> {amp})", amp, None,
              data.batches(examples, args.batch_size, random.Random(0))[0])):
         torch.manual_seed(0)
-        model = train.build_model("taste", 128, 384, 384, cfg, None).to(device)
+        model = train.build_model(128, 384, 384, dataclasses.replace(cfg, speech="tokens"), None).to(device)
         run(model, examples, groups[:2], cfg, device, amp, pad)  # warm-up
         r = run(model, examples, groups, cfg, device, amp, pad)
         results[name] = r

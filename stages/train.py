@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--init", help="model dir of the variant this one starts from (train.finetune.<name>.init)")
     args = ap.parse_args()
     w, base = params.load("whisper"), params.load("base")
-    p, kind, init = train_params.load("train").variant(args.variant)
+    p, init = train_params.load("train").variant(args.variant)
     if (init is None) != (args.init is None):
         sys.exit(f"train.finetune.{args.variant}.init is {init!r} but --init is {args.init!r}: run it as dvc.yaml does")
     if relaunch(p.processes, "train.processes"):
@@ -48,17 +48,18 @@ def main() -> None:
     # The held-out speaker follows base.seed, not train.seed: seeds then differ only in initialization and
     # batch order, so a seed sweep compares variants on the same data.
     train_ex, val_ex = data.speaker_split(split, p.val_speakers, base.seed)
-    model = train.build_model(kind, int(meta["vocab_size"]), *split.widths, p, w.model, split.text_model,
+    model = train.build_model(int(meta["vocab_size"]), *split.widths, p, w.model, split.text_model,
                               data.max_units_per_token(train_ex))
     if args.init:
         got = train.init_from(model, args.init)
         print(f"{args.variant}: starts from {args.init} ({len(got['copied'])} tensors; fresh: {len(got['fresh'])})")
-    print(f"{args.variant} ({kind}): {model.num_params() / 1e6:.2f} M parameters; {len(train_ex)} train / "
+    parts = f"speech {p.speech}, squeeze {p.squeeze}, unit_alignment {p.unit_alignment}"
+    print(f"{args.variant} ({parts}): {model.num_params() / 1e6:.2f} M parameters; {len(train_ex)} train / "
           f"{len(val_ex)} validation utterances (speaker-disjoint); targets {meta['targets']}")
     lead = ranks.rank == 0
     with Live(args.live_dir, dvcyaml=None, save_dvc_exp=False) if lead else contextlib.nullcontext() as live:
         if lead:
-            live.log_params({"variant": args.variant, "model": kind, "init": init or "", "seed": p.seed, "targets": meta["targets"], "amp": amp,
+            live.log_params({"variant": args.variant, "speech": p.speech, "squeeze": p.squeeze, "unit_alignment": p.unit_alignment, "init": init or "", "seed": p.seed, "targets": meta["targets"], "amp": amp,
                              "device": device, "cpu": hardware.cpu_description()})
         fp = checkpoint.fingerprint(p, args.variant, [args.manifest, args.whisper, args.text, args.s3])
         summary = train.fit(model, train_ex, val_ex, p, args.model_dir, live, args.resume_dir, fp, p.checkpoint_steps,

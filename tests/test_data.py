@@ -142,6 +142,6 @@ def test_training_with_workers_is_the_training_without(tiny_tables, tmp_path):
     for workers in (0, 2):
         cfg = Train(lr=3e-3, epochs=2, batch_size=2, warmup_steps=1, patience=10, amp=False, seed=0, buffer_rows=2,
                     num_workers=workers, agg_init="fresh", d_model=32, n_heads=2, n_layers=1, d_ff=64, agg_layers=1)
-        model = train.build_model("taste", int(meta["vocab_size"]), *split.widths, cfg, None)
+        model = train.build_model(int(meta["vocab_size"]), *split.widths, cfg, None)
         runs.append(train.fit(model, tr, va, cfg, tmp_path / str(workers))["history"])
     assert runs[0] == runs[1]

@@ -18,7 +18,7 @@ def _examples(n=4, seed=0, units=30):
 
 def _model(**kw):
     torch.manual_seed(0)
-    return TasteModel(ModelConfig(**({"variant": "taste", "vocab_size": 16, "d_model": 32, "n_heads": 2, "n_layers": 1,
+    return TasteModel(ModelConfig(**({"speech": "tokens", "vocab_size": 16, "d_model": 32, "n_heads": 2, "n_layers": 1,
                                       "d_ff": 64, "agg_layers": 1, "agg_heads": 2, "agg_ffn": 64, "dropout": 0.0} | kw))).eval()
 
 
@@ -32,7 +32,7 @@ def test_the_attention_plot_leaves_an_aligned_model_as_it_found_it():
     assert w.shape == (len(ex[0].token_ids), len(ex[0].mid))
     after, _ = model(batch)
     torch.testing.assert_close(before, after)
-    assert model.aggregator.layers[-1].encoder_attn.keep_weights
+    assert model.speech.aggregator.value_attention.keep_weights
 
 
 def test_free_running_length_never_reads_the_reference_length():
@@ -40,7 +40,7 @@ def test_free_running_length_never_reads_the_reference_length():
     model that never says END stops at the same length whatever the reference units are."""
     model = _model(max_units_per_token=3.0)
     with torch.no_grad():
-        model.head.bias[model.cfg.end_id] = -1e4  # never END
+        model.decoder.head.bias[model.cfg.end_id] = -1e4  # never END
     short, long = _examples(units=10), _examples(units=200)
     runs = [evaluate.generate_all(model, ex, batch_size=4, top_k=5, seed=0) for ex in (short, long)]
     for (a, capped_a), (b, capped_b), ex in zip(*runs, short):

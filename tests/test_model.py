@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from taste_pipeline import params, whisper
-from taste_pipeline.model import ModelConfig, TasteModel
+from taste_pipeline import model as model_mod
+from taste_pipeline import train_params
+from taste_pipeline.model import ModelConfig, NoSpeech, TasteModel
 
 TINY_PREFIX = [50257, 50362]  # tiny.en: <|startoftranscript|> <|notimestamps|> (test_whisper_families checks the lookup)
 
@@ -15,9 +16,14 @@ def _batch(B=3, L=7, F=40, T=30, seed=0, dq=384):
             "unit_len": torch.tensor([T, T - 10, 10][:B])}
 
 
+# The default run's variants as parts.
+PARTS = {"taste": {"speech": "tokens"}, "text_only": {"speech": "none"}, "speech_frames": {"speech": "frames"},
+         "taste_rvq": {"speech": "tokens", "squeeze": "rvq"}}
+
+
 def _model(variant="taste", **kw):
     torch.manual_seed(0)
-    cfg = dict(variant=variant, vocab_size=16, d_model=32, n_heads=2, n_layers=2, d_ff=64, agg_layers=1,
+    cfg = dict(**PARTS[variant], vocab_size=16, d_model=32, n_heads=2, n_layers=2, d_ff=64, agg_layers=1,
                agg_heads=2, agg_ffn=64, dropout=0.0)
     return TasteModel(ModelConfig(**(cfg | kw))).eval()
 
@@ -37,7 +43,7 @@ def test_future_targets_never_change_past_logits(variant):
 
 def test_text_only_never_reads_speech_features():
     model, batch = _model("text_only"), _batch()
-    assert not hasattr(model, "aggregator") and not hasattr(model, "speech_branch")
+    assert isinstance(model.speech, NoSpeech) and not any(k.startswith("speech.") for k in model.state_dict())
     logits, _ = model(batch)
     poisoned = dict(batch, mid=torch.full_like(batch["mid"], float("nan")), last=torch.full_like(batch["last"], float("nan")))
     torch.testing.assert_close(model(poisoned)[0], logits)
@@ -78,10 +84,10 @@ def test_tastes_decoder_never_sees_frame_rate_features(monkeypatch, alignment):
     durations, one duration per token): with those held fixed, no change to the frames changes a logit."""
     model, batch = _model("taste", unit_alignment=alignment), _batch()
     fixed = torch.randn(3, 7, 384)
-    monkeypatch.setattr(model, "speech_vectors", lambda *a: fixed[:, : a[0].shape[1]])
+    monkeypatch.setattr(model.speech, "vectors", lambda b: fixed[:, : b["text_emb"].shape[1]])
     if alignment == "durations":
         frames = torch.tensor([[5, 5, 5, 5, 5, 5, 10], [6, 6, 6, 6, 6, 0, 0], [7, 7, 6, 0, 0, 0, 0]])
-        monkeypatch.setattr(model, "durations", lambda b: frames)
+        monkeypatch.setattr(model.speech.placement, "durations", lambda b, speech: frames)
     logits, _ = model(batch)
     other = dict(batch, mid=torch.randn_like(batch["mid"]), last=torch.randn_like(batch["last"]))
     torch.testing.assert_close(model(other)[0], logits)
@@ -108,62 +114,95 @@ def test_targets_are_units_then_end():
     assert targets[1, n] == model.cfg.end_id and (targets[1, n + 1 :] == -100).all()
 
 
-def test_losses_are_a_dict_whose_loss_is_the_mean_cross_entropy():
-    model, batch = _model("taste"), _batch()
-    logits, losses = model(batch)
-    want = torch.nn.functional.cross_entropy(logits.transpose(1, 2), model.targets(batch), ignore_index=-100)
-    torch.testing.assert_close(losses["ce"], want)
-    assert set(losses) == {"ce", "loss"} and torch.equal(losses["loss"], losses["ce"])  # no other term for taste
+def _item(batch, i):
+    """Item i of a batch alone, cut to its own lengths."""
+    n, f, t = (int(batch[k][i]) for k in ("text_len", "frame_len", "unit_len"))
+    return {"text_emb": batch["text_emb"][i : i + 1, :n], "text_len": batch["text_len"][i : i + 1],
+            "mid": batch["mid"][i : i + 1, :f], "last": batch["last"][i : i + 1, :f],
+            "frame_len": batch["frame_len"][i : i + 1], "units": batch["units"][i : i + 1, :t],
+            "unit_len": batch["unit_len"][i : i + 1]}
 
 
-def test_aggregator_gives_one_vector_per_text_token():
+@pytest.mark.parametrize("variant", ["taste", "taste_rvq"])
+def test_the_loss_is_the_mean_over_every_real_target_of_the_batch(variant):
+    """Padding never counts and END does: the batch's cross-entropy is its items' alone, weighted by their
+    units + END; the squeeze's commitment term is added to it, and is the only other term."""
+    model, batch = _model(variant), _batch()
+    _, losses = model(batch)
+    singles = [model(_item(batch, i))[1]["ce"] for i in range(3)]
+    weights = (batch["unit_len"] + 1).float()
+    torch.testing.assert_close(losses["ce"], (torch.stack(singles) * weights).sum() / weights.sum(), rtol=1e-4, atol=1e-5)
+    extra = {"taste": set(), "taste_rvq": {"commit"}}[variant]
+    assert set(losses) == {"ce", "loss"} | extra
+    torch.testing.assert_close(losses["loss"], losses["ce"] + sum(losses[k] for k in extra))
+
+
+def test_a_tokens_vector_reads_no_later_token_and_no_padding():
+    """One vector per text token, each from the text up to it (the aggregator's self-attention is causal,
+    as Whisper's decoder): the first tokens' vectors are the same whatever text follows or pads them."""
     model, batch = _model("taste"), _batch()
-    mask = torch.arange(40)[None] < batch["frame_len"][:, None]
-    out = model.speech_vectors(batch["text_emb"], batch["mid"], batch["last"], mask)
-    assert out.shape == (3, 7, 384)
+    full = model.speech.vectors(batch)
+    assert full.shape == (3, 7, 384)
+    short = dict(batch, text_emb=batch["text_emb"][:, :3].clone(), text_len=torch.tensor([3, 3, 3]))
+    torch.testing.assert_close(model.speech.vectors(short), full[:, :3], atol=1e-5, rtol=1e-4)
+    changed = dict(batch, text_emb=batch["text_emb"].clone())
+    changed["text_emb"][:, 3:] = torch.randn(3, 4, 384)
+    torch.testing.assert_close(model.speech.vectors(changed)[:, :3], full[:, :3], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(model.speech.vectors(changed)[:, 3:], full[:, 3:])
 
 
 def test_whisper_init_copies_the_decoder_and_sets_value_identity(tiny_whisper):
     cfg = ModelConfig(vocab_size=16, d_model=32, n_heads=2, n_layers=1, d_ff=64, agg_layers=2, agg_heads=6,
                       agg_ffn=1536, dropout=0.0)
     model = TasteModel(cfg)
-    model.aggregator.init_from_whisper(tiny_whisper, TINY_PREFIX)
-    ours, theirs = model.aggregator.layers[1], tiny_whisper.model.decoder.layers[1]
+    agg = model.speech.aggregator
+    agg.init_from_whisper(tiny_whisper, TINY_PREFIX)
+    ours, theirs = agg.layers[1], tiny_whisper.model.decoder.layers[1]
     assert torch.equal(ours.encoder_attn.k_proj.weight, theirs.encoder_attn.k_proj.weight)
     assert torch.equal(ours.encoder_attn.q_proj.weight, theirs.encoder_attn.q_proj.weight)
     assert torch.equal(ours.mlp.fc1.weight, theirs.fc1.weight)
     assert torch.equal(ours.encoder_attn.v_proj.weight, torch.eye(384))
-    assert torch.equal(model.aggregator.prefix[0], tiny_whisper.model.decoder.embed_tokens.weight[50257])
+    assert torch.equal(agg.prefix[0], tiny_whisper.model.decoder.embed_tokens.weight[50257])
     too_deep = TasteModel(ModelConfig(vocab_size=16, d_model=32, n_heads=2, n_layers=1, d_ff=64, agg_layers=5))
     with pytest.raises(ValueError, match="agg_layers"):
-        too_deep.aggregator.init_from_whisper(tiny_whisper, TINY_PREFIX)
+        too_deep.speech.aggregator.init_from_whisper(tiny_whisper, TINY_PREFIX)
 
 
 def test_pretrained_aggregator_matches_whisper_when_keys_equal_values(tiny_whisper):
-    """With K = V = the last layer and v_proj restored, our layers compute Whisper's decoder states."""
-    cfg = ModelConfig(vocab_size=16, agg_layers=4, agg_heads=6, agg_ffn=1536, dropout=0.0, agg_output="residual",
-                      agg_value_layers=4, agg_freeze_alignment=False)
-    model = TasteModel(cfg).eval()
-    model.aggregator.init_from_whisper(tiny_whisper, TINY_PREFIX)
+    """With K = V = the last layer and v_proj restored, our layers compute Whisper's decoder layers: the
+    hidden states after each one, and what the last one's cross-attention read (a token's vector)."""
+    cfg = ModelConfig(vocab_size=16, agg_layers=4, agg_heads=6, agg_ffn=1536, dropout=0.0, agg_value_layers=1,
+                      agg_freeze_alignment=False)
+    agg = TasteModel(cfg).eval().speech.aggregator
+    agg.init_from_whisper(tiny_whisper, TINY_PREFIX)
     dec = tiny_whisper.model.decoder
     with torch.no_grad():
-        for ours, theirs in zip(model.aggregator.layers, dec.layers):
+        for ours, theirs in zip(agg.layers, dec.layers):
             ours.encoder_attn.v_proj.load_state_dict(theirs.encoder_attn.v_proj.state_dict())
         enc = torch.randn(1, 30, 384)
         ids = torch.tensor([[50257, 50362, 262, 3797, 3332]])
-        ref = dec(input_ids=ids, encoder_hidden_states=enc).last_hidden_state[:, 2:]
+        ref = dec(input_ids=ids, encoder_hidden_states=enc, output_hidden_states=True).hidden_states
         emb = dec.embed_tokens.weight[ids[:, 2:]]
-        ours = model.aggregator(emb, enc, enc, torch.ones(1, 30, dtype=torch.bool))
-    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+        x = torch.cat([agg.prefix[None], emb], dim=1) + agg.positions[:5]
+        mask = torch.ones(1, 30, dtype=torch.bool)
+        for i, (ours, want) in enumerate(zip(agg.layers, ref[1:])):
+            x, read = ours(x, enc, enc, mask)
+            got = dec.layer_norm(x) if i == len(agg.layers) - 1 else x  # the last of Whisper's is after its final LN
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        last = dec.layers[-1]
+        h = ref[-2] + last.self_attn(last.self_attn_layer_norm(ref[-2]))[0]
+        want_read = last.encoder_attn(last.encoder_attn_layer_norm(h), key_value_states=enc)[0]
+        torch.testing.assert_close(agg(emb, enc, enc, mask), want_read[:, 2:], atol=1e-4, rtol=1e-4)
 
 
 def test_context_layers_read_last_layer_values_and_are_frozen(tiny_whisper):
     cfg = ModelConfig(vocab_size=16, d_model=32, n_heads=2, n_layers=1, d_ff=64, agg_layers=3, agg_value_layers=1,
                       agg_heads=6, agg_ffn=1536, dropout=0.0)
     model = TasteModel(cfg).eval()
-    model.aggregator.init_from_whisper(tiny_whisper, TINY_PREFIX)
-    layers = model.aggregator.layers
-    assert not any(p.requires_grad for p in layers[0].parameters()) and not model.aggregator.positions.requires_grad
+    agg = model.speech.aggregator
+    agg.init_from_whisper(tiny_whisper, TINY_PREFIX)
+    layers = agg.layers
+    assert not any(p.requires_grad for p in layers[0].parameters()) and not agg.positions.requires_grad
     trainable = {n for n, p in layers[2].named_parameters() if p.requires_grad}
     assert {"encoder_attn.v_proj.weight", "encoder_attn.out_proj.weight", "mlp.fc1.weight"} <= trainable
     assert not trainable & {"encoder_attn.q_proj.weight", "encoder_attn.k_proj.weight", "self_attn.q_proj.weight",
@@ -175,13 +214,13 @@ def test_context_layers_read_last_layer_values_and_are_frozen(tiny_whisper):
     mask = torch.ones(1, 40, dtype=torch.bool)
     for layer in layers:
         layer.encoder_attn.keep_weights = True
-    model.speech_vectors(b["text_emb"], b["mid"], b["last"], mask)
+    agg(b["text_emb"], b["mid"], b["last"], mask)
     before = [layer.encoder_attn.last_weights for layer in layers]
-    model.speech_vectors(b["text_emb"], b["mid"] * 3 + 1, b["last"], mask)
+    agg(b["text_emb"], b["mid"] * 3 + 1, b["last"], mask)
     torch.testing.assert_close(layers[1].encoder_attn.last_weights, before[1])
     torch.testing.assert_close(layers[2].encoder_attn.last_weights, before[2])  # queries come from context
-    out1 = model.speech_vectors(b["text_emb"], b["mid"], b["last"], mask)
-    out2 = model.speech_vectors(b["text_emb"], b["mid"] * 3 + 1, b["last"], mask)
+    out1 = agg(b["text_emb"], b["mid"], b["last"], mask)
+    out2 = agg(b["text_emb"], b["mid"] * 3 + 1, b["last"], mask)
     assert not torch.allclose(out1, out2)
 
 
@@ -193,37 +232,25 @@ def test_pretrained_aggregator_aligns_text_to_speech(tiny_whisper, tiny_tables):
 
     w, t = tables.read_whisper(tiny_tables["whisper_path"]), tables.read_text(tiny_tables["text_path"])
     model = TasteModel(ModelConfig(vocab_size=16, agg_layers=4, agg_value_layers=1, dropout=0.0)).eval()
-    model.aggregator.init_from_whisper(tiny_whisper, TINY_PREFIX)
-    attn = model.aggregator.layers[-1].encoder_attn
+    agg = model.speech.aggregator
+    agg.init_from_whisper(tiny_whisper, TINY_PREFIX)
+    attn = agg.value_attention
     attn.keep_weights = True
     corr = []
     for i in range(w.num_rows):
         f = lambda col, tab: torch.from_numpy(tables.row_matrix(tab, col, i).astype("float32"))[None]  # noqa: E731
         mid, last, emb = f("mid", w), f("last", w), f("emb", t)
         with torch.no_grad():
-            model.speech_vectors(emb, mid, last, torch.ones(1, mid.shape[1], dtype=torch.bool))
+            agg(emb, mid, last, torch.ones(1, mid.shape[1], dtype=torch.bool))
         peaks = attn.last_weights[0, :, 2:].mean(0).argmax(-1).numpy()[:-1]  # last token: end of speech
         corr.append(np.corrcoef(np.arange(len(peaks)), peaks)[0, 1])
     assert np.mean(corr) > 0.9, corr
 
 
-def test_text_dropout_acts_only_in_training():
-    model, batch = _model("taste", text_dropout=0.999), _batch()
-    mask = torch.arange(40)[None] < batch["frame_len"][:, None]
-    evaluated, _ = model.prefix(batch)
-    model.train()
-    torch.manual_seed(0)
-    trained, _ = model.prefix(batch)
-    w = model.fusion_logits.softmax(0)
-    speech_only = w[1] * model.speech_branch(model.speech_vectors(batch["text_emb"], batch["mid"], batch["last"], mask))
-    torch.testing.assert_close(trained, speech_only)
-    assert not torch.allclose(evaluated, speech_only)
-
-
-@pytest.mark.parametrize("variant,kw", [("taste", {}), ("text_only", {}), ("speech_frames", {}),
-                                        ("taste", {"unit_alignment": "attention"}),
-                                        ("taste", {"unit_alignment": "durations"})])
-def test_cached_generation_agrees_with_the_full_forward_pass(variant, kw):
+@pytest.mark.parametrize("variant,kw,end_bias", [("taste", {}, 4.0), ("text_only", {}, 4.0), ("speech_frames", {}, 4.0),
+                                                 ("taste", {"unit_alignment": "attention"}, 8.0),
+                                                 ("taste", {"unit_alignment": "durations"}, 8.0)])
+def test_cached_generation_agrees_with_the_full_forward_pass(variant, kw, end_bias):
     """Greedy units from the key/value cache are what the teacher-forced forward pass predicts on them,
     item by item in a batch of different text and speech lengths, up to END."""
     model, batch = _model(variant, **kw), _batch()
@@ -232,7 +259,7 @@ def test_cached_generation_agrees_with_the_full_forward_pass(variant, kw):
         # padded key let through would change it), and a bias towards END stops some items early.
         for p in model.parameters():
             p.mul_(4.0)
-        model.head.bias[model.cfg.end_id] += 4.0
+        model.decoder.head.bias[model.cfg.end_id] += end_bias
     gen = model.generate(batch, max_units=25)
     assert any(len(u) < 25 for u in gen) and all(len(u) <= 25 for u in gen)
     for i, units in enumerate(gen):
@@ -259,38 +286,29 @@ def test_top_k_sampling_is_repeatable_and_top_1_is_greedy():
     assert all(int(u.max()) < model.cfg.vocab_size for u in a if len(u))  # END and TASK never emitted as units
 
 
-def test_the_time_code_is_the_attention_over_the_frame_clock():
-    from taste_pipeline.model import Attention, sinusoids
-
-    torch.manual_seed(0)
-    attn = Attention(16, 2, 24).eval()
-    x, keys = torch.randn(2, 3, 16), torch.randn(2, 10, 24)
-    mask = torch.arange(10)[None] < torch.tensor([10, 6])[:, None]
-    clock = sinusoids(10, 8)[None].expand(2, -1, -1)
-    attn.keep_weights = True
-    out, when = attn(x, keys, key_mask=mask, also=clock)
-    w = attn.last_weights  # (B, heads, Lq, Lk), padded frames at 0
-    torch.testing.assert_close(when, (w @ clock[:, None]).mean(1))
-    assert torch.all(w[1, :, :, 6:] == 0)
-    attn.keep_weights = False
-    torch.testing.assert_close(attn(x, keys, key_mask=mask), out)
-
-
 def test_aligned_units_read_the_vector_of_the_token_the_speech_puts_there(monkeypatch):
-    """unit_alignment attention: unit input r gets the fused vector of the token at frame r; which token
-    that is comes from the aggregator's attention, and decoding from codes (no speech) is refused."""
+    """unit_alignment attention: unit input r gets exactly the fused vector of the token at frame r (past
+    the last frame, the last frame's token); which token that is comes from the aggregator's attention;
+    decoding from codes (no speech) is refused."""
     model, batch = _model("taste", unit_alignment="attention"), _batch()
-    base, _ = model(batch)
-    first = lambda b: torch.zeros(b["mid"].shape[0], b["mid"].shape[1], dtype=torch.long)  # noqa: E731
-    monkeypatch.setattr(model, "token_of_frame", first)
-    at_first, _ = model(batch)
-    monkeypatch.setattr(model, "token_of_frame", lambda b: first(b) + 1)
-    at_second, _ = model(batch)
-    assert not torch.allclose(at_first[0, 1:], at_second[0, 1:])
+    speech = model.speech
+    with torch.no_grad():  # no span clock: what remains is the placed vector alone
+        speech.placement.span_since.weight.zero_()
+        speech.placement.span_length.weight.zero_()
+    tok = torch.stack([(torch.arange(40) // 6).clamp(max=n - 1) for n in batch["text_len"].tolist()])
+    tok[0, 7] = 5  # not monotonic: the placement follows the attention, whatever it says
+    monkeypatch.setattr(speech, "token_of_frame", lambda b: tok)
+    prefix, _ = model.prefix(batch)
+    got = speech.unit_inputs(prefix, batch, 45)
+    for i, f in enumerate(batch["frame_len"].tolist()):
+        want = [int(tok[i, min(r, f - 1)]) for r in range(45)]
+        torch.testing.assert_close(got[i], prefix[i, want])
     monkeypatch.undo()
-    torch.testing.assert_close(model(batch)[0], base)
-    tok = model.token_of_frame(batch)
-    assert tok.shape == (3, 40) and int(tok[2].max()) < 3  # item 2 has 3 text tokens
+    model.prefix(batch)
+    real = speech.token_of_frame(batch)
+    assert real.shape == (3, 40) and int(real[2].max()) < 3  # item 2 has 3 text tokens
+    w = speech.aggregator.value_attention.last_weights.float().mean(1)[:, 2:]
+    assert torch.equal(real[0], w[0].argmax(0))
     with pytest.raises(ValueError, match="codes do not carry"):
         model.prefix(dict(batch, codes=torch.zeros(3, 7, 2, dtype=torch.long)))
 
@@ -308,7 +326,7 @@ def test_aligned_units_know_where_they_lie_in_their_tokens_span(monkeypatch):
     the units see (the span clock), though the token's vector is the same."""
     model, batch = _model("taste", unit_alignment="attention"), _batch()
     one = lambda b: torch.zeros(b["mid"].shape[0], b["mid"].shape[1], dtype=torch.long)  # noqa: E731
-    monkeypatch.setattr(model, "token_of_frame", one)
+    monkeypatch.setattr(model.speech, "token_of_frame", one)
     whole, _ = model(batch)
 
     def split(b):
@@ -316,9 +334,17 @@ def test_aligned_units_know_where_they_lie_in_their_tokens_span(monkeypatch):
         t[:, 10:] = 1
         return t
 
-    monkeypatch.setattr(model, "token_of_frame", split)
+    monkeypatch.setattr(model.speech, "token_of_frame", split)
     two, _ = model(batch)
     assert not torch.allclose(two[0, :10], whole[0, :10])  # frames 0..9: same token, a shorter span
+    prefix, _ = model.prefix(batch)
+    p = model.speech.placement
+    clock = p.span_clock
+    got = model.speech.unit_inputs(prefix, batch, 12) - prefix[:, :1]
+    # step 3 of a 10-step run, step 3 of a 30-step run (item 0: 40 frames) vs one 40-step run
+    torch.testing.assert_close(got[0, 3], p.span_since(clock[3]) + p.span_length(clock[10]))
+    torch.testing.assert_close(model.speech.placement(prefix, batch, 12, model.speech)[0, 11] - prefix[0, 1],
+                               p.span_since(clock[1]) + p.span_length(clock[30]))
 
 
 @pytest.mark.parametrize("alignment", ["attention", "durations"])
@@ -327,9 +353,9 @@ def test_an_aligned_input_does_not_depend_on_how_many_steps_are_asked_for(alignm
     (free-running, stopped early), just as many (training) or far more (generate pads to max_units)."""
     model, batch = _model("taste", unit_alignment=alignment), _batch()
     prefix, _ = model.prefix(batch)
-    long = model.placed(prefix, batch, 200)
+    long = model.speech.unit_inputs(prefix, batch, 200)
     for steps in (12, 41):
-        torch.testing.assert_close(model.placed(prefix, batch, steps), long[:, :steps])
+        torch.testing.assert_close(model.speech.unit_inputs(prefix, batch, steps), long[:, :steps])
 
 
 def test_durations_lay_the_tokens_end_to_end_in_text_order(monkeypatch):
@@ -337,9 +363,8 @@ def test_durations_lay_the_tokens_end_to_end_in_text_order(monkeypatch):
     sum up to it (a token of 0 frames holds none); the speech ends at the sum of all."""
     model, batch = _model("taste", unit_alignment="durations"), _batch()
     frames = torch.tensor([[2, 3, 0, 1, 0, 0, 4], [1, 1, 1, 1, 2, 0, 0], [5, 5, 5, 0, 0, 0, 0]])
-    monkeypatch.setattr(model, "durations", lambda b: frames)
-    prefix, _ = model.prefix(batch)
-    idx, end = model.step_tokens(prefix, batch, 12)
+    monkeypatch.setattr(model.speech.placement, "durations", lambda b, speech: frames)
+    idx, end = model.speech.placement.step_tokens(batch, 12, model.speech)
     assert idx[0].tolist() == [0, 0, 1, 1, 1, 3, 6, 6, 6, 6, 6, 6]
     assert idx[1].tolist() == [0, 1, 2, 3, 4, 4, 4, 4, 4, 4, 4, 4]  # item 1 has 5 tokens: the last one's past the end
     assert idx[2].tolist() == [0] * 5 + [1] * 5 + [2] * 2
@@ -350,12 +375,28 @@ def test_durations_are_the_frames_the_attention_gives_each_token():
     """What each token's attention holds, counted: they sum to the item's frames; codes carry them."""
     model, batch = _model("taste", unit_alignment="durations"), _batch()
     model.prefix(batch)
-    d = model.durations(batch)
-    tok = model.token_of_frame(batch)
+    d = model.speech.placement.durations(batch, model.speech)
+    tok = model.speech.token_of_frame(batch)
     assert d.tolist()[2][:3] == [int((tok[2, :20] == k).sum()) for k in range(3)]
     torch.testing.assert_close(d.sum(1), batch["frame_len"])
     assert (d[1, 5:] == 0).all() and (d[2, 3:] == 0).all()
     codes = torch.zeros(3, 7, 5, dtype=torch.long)
     codes[..., -1] = 4
-    assert (model.durations(dict(batch, codes=codes)) == 4).all()
+    assert (model.speech.placement.durations(dict(batch, codes=codes), model.speech) == 4).all()
 
+
+
+def test_the_parts_registries_are_the_choices_params_accept():
+    """A new part is one class, one registry entry and its name among the params' choices."""
+    assert tuple(model_mod.SPEECH) == train_params.SPEECH
+    assert tuple(model_mod.SQUEEZES) == train_params.SQUEEZES
+    assert tuple(model_mod.PLACEMENTS) == train_params.UNIT_ALIGNMENTS
+
+
+def test_forward_and_generate_do_not_branch_on_a_variant_name():
+    """The model has no notion of variant names: its config holds parts, and a squeeze needs token vectors."""
+    import dataclasses
+
+    assert "variant" not in {f.name for f in dataclasses.fields(ModelConfig)}
+    with pytest.raises(train_params.ParamError, match="train.squeeze"):
+        TasteModel(ModelConfig(vocab_size=16, speech="frames", squeeze="rvq"))

@@ -107,21 +107,25 @@ def test_train_params_build_the_model_config_field_by_field():
     from taste_pipeline.model import ModelConfig
     from taste_pipeline.train_params import ModelArgs
 
-    p = train_params.Train(d_model=64, n_layers=2, agg_layers=3, text_dropout=0.2)
-    cfg = ModelConfig.build(p, variant="taste", vocab_size=8, d_query=32, d_audio=32)
+    p = train_params.Train(d_model=64, n_layers=2, agg_layers=3, squeeze="rvq", unit_alignment="durations")
+    cfg = ModelConfig.build(p, vocab_size=8, d_query=32, d_audio=32)
     for f in dataclasses.fields(ModelArgs):
         assert getattr(cfg, f.name) == getattr(p, f.name)
 
 
+TWO = {"taste": {"speech": "tokens"}, "text_only": {"speech": "none"}}
+
+
 @pytest.mark.parametrize("doc,match", [
-    ({"variants": {"taste": {"model": "taste"}}}, "train.variants: needs text_only"),
-    ({"variants": {"taste": {"model": "taste"}, "text_only": {"model": "text_only"}, "big": {"model": "taste", "d_model": "x"}}},
-     "train.variants.big.d_model"),
-    ({"variants": {"taste": {"model": "taste"}, "text_only": {"model": "text_only"}, "odd": {"model": "taste", "n_heads": 5}}},
-     "train.variants.odd: train.d_model: 192 is not divisible by train.n_heads 5"),
-    ({"finetune": {"ft": {"model": "taste", "init": "nope"}}}, "train.finetune.ft.init: 'nope'"),
-    ({"finetune": {"ft": {"model": "speech"}}}, "train.finetune.ft: needs model"),
-    ({"finetune": {"taste": {"model": "taste", "init": "text_only"}}}, "used twice"),
+    ({"variants": {"taste": {"speech": "tokens"}}}, "train.variants: needs a variant with speech: none"),
+    ({"variants": {"text_only": {"speech": "none"}}}, "train.variants: needs a variant with speech: tokens"),
+    ({"variants": {**TWO, "big": {"d_model": "x"}}}, "train.variants.big.d_model"),
+    ({"variants": {**TWO, "odd": {"n_heads": 5}}}, "train.variants.odd: train.d_model: 192 is not divisible by train.n_heads 5"),
+    ({"variants": {**TWO, "odd": {"speech": "words"}}}, r"train.variants.odd: train.speech: 'words' is not one of"),
+    ({"variants": {**TWO, "odd": {"speech": "frames", "squeeze": "rvq"}}}, "train.variants.odd: train.squeeze: 'rvq'"),
+    ({"finetune": {"ft": {"init": "nope"}}}, "train.finetune.ft.init: 'nope'"),
+    ({"finetune": {"ft": {"model": "taste_rvq", "init": "taste"}}}, "train.finetune.ft: model: 'taste_rvq' is gone"),
+    ({"finetune": {"taste": {"init": "text_only"}}}, "used twice"),
 ])
 def test_variants_are_checked_naming_the_param(tmp_path, doc, match):
     with pytest.raises(params.ParamError, match=match):
@@ -130,11 +134,11 @@ def test_variants_are_checked_naming_the_param(tmp_path, doc, match):
 
 def test_a_variant_overrides_only_its_own_params(tmp_path):
     p = train_params.load("train", _write(tmp_path, {"train": {"lr": 0.002, "finetune": {
-        "ft": {"model": "taste", "init": "text_only", "lr": 0.0005, "epochs": 3}}}}))
-    own, model, init = p.variant("ft")
-    assert (own.lr, own.epochs, model, init) == (0.0005, 3, "taste", "text_only")
-    base, model, init = p.variant("taste")
-    assert (base.lr, base.epochs, model, init) == (0.002, p.epochs, "taste", None)
+        "ft": {"squeeze": "rvq", "init": "text_only", "lr": 0.0005, "epochs": 3}}}}))
+    own, init = p.variant("ft")
+    assert (own.lr, own.epochs, own.speech, own.squeeze, init) == (0.0005, 3, "tokens", "rvq", "text_only")
+    base, init = p.variant("text_only")
+    assert (base.lr, base.epochs, base.speech, base.squeeze, init) == (0.002, p.epochs, "none", "none", None)
 
 
 def test_every_dvc_exp_run_override_the_readme_shows_applies_to_params_yaml(tmp_path):

@@ -37,8 +37,8 @@ def repo(tmp_path_factory):
     p["s3"].update(standin_units=16)
     p["train"].update(epochs=2, batch_size=2, d_model=32, n_heads=2, n_layers=1, d_ff=64, agg_layers=1, warmup_steps=2,
                       val_speakers=1, rvq_codebook_size=16, rvq_levels=2,
-                      finetune={"taste_ft": {"model": "taste", "init": "text_only", "epochs": 1},
-                                "taste_rvq": {"model": "taste_rvq", "init": "taste", "epochs": 1}},
+                      finetune={"taste_ft": {"speech": "tokens", "init": "text_only", "epochs": 1},
+                                "taste_rvq": {"squeeze": "rvq", "init": "taste", "epochs": 1}},
                       device="auto")  # resolved in train and in evaluate (cpu here, cuda where there is one)
     p["s3"].update(device="auto")
     p["evaluate"].update(attention_utterances=1, free_utterances=2)

@@ -64,7 +64,7 @@ class Recorder:
 ranks = Ranks.from_env()
 tr, va = data.speaker_split(_examples(n=30), 1, seed=0)
 torch.manual_seed(0)
-model = TasteModel(ModelConfig(variant="taste", vocab_size=8, d_model=32, n_heads=2, n_layers=2, d_ff=64,
+model = TasteModel(ModelConfig(speech="tokens", vocab_size=8, d_model=32, n_heads=2, n_layers=2, d_ff=64,
                                agg_layers=1, agg_heads=2, agg_ffn=64, dropout=0.0))
 cfg = Train(lr=3e-3, epochs=3, batch_size=5, warmup_steps=2, patience=10, amp=False, seed=4, dropout=0.0)
 live = Recorder()

@@ -40,7 +40,7 @@ cfg = Train(lr=3e-3, epochs=4, batch_size=4, warmup_steps=2, patience=10, amp=Fa
             checkpoint_steps=2)
 live = Recorder()
 torch.manual_seed(0)
-model = TasteModel(ModelConfig(variant="taste", vocab_size=8, d_model=32, n_heads=2, n_layers=2, d_ff=64,
+model = TasteModel(ModelConfig(speech="tokens", vocab_size=8, d_model=32, n_heads=2, n_layers=2, d_ff=64,
                                agg_layers=1, agg_heads=2, agg_ffn=64, dropout=0.1))  # dropout: RNG matters
 summary = train.fit(model, tr, va, cfg, out_dir, live, resume_dir if resume_dir != "-" else None, "fp", 2,
                     ranks=ranks)

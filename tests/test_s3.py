@@ -14,14 +14,22 @@ def speech(tiny_resampled):
 
 
 def test_real_s3_path_runs_batched_with_random_weights(speech):
+    """Batched and one-at-a-time codes agree (s3tokenizer's own test allows 0.2 % apart); the codebook is
+    filled with the states' own frames (an untrained one is all zeros, whose every code is 0 and would
+    prove nothing)."""
     torch.manual_seed(0)
     tok = s3.S3Tokens(None, batch_size=3)
+    hidden = torch.cat(tok.hidden(speech[:4]))  # codebook entries where the states are
+    with torch.no_grad():
+        pick = torch.randint(0, len(hidden), (4096,), generator=torch.Generator().manual_seed(0))
+        tok.model.quantizer._codebook.embed.copy_(torch.nn.functional.normalize(hidden[pick], dim=-1))  # as x is
     batched = tok.tokenize(speech[:4])
     tok.batch_size = 1
     single = tok.tokenize(speech[:4])
     for a, b, x in zip(batched, single, speech):
         assert len(a) == len(b) and abs(len(a) - tables.frames_for(len(x))) <= 1
-        assert np.array_equal(a, b)  # random weights give all-zero codes: this checks lengths and trimming
+        assert len(set(a.tolist())) > 5  # codes that vary
+        assert np.mean(a != b) <= 0.002
     assert tok.vocab_size == 4096 and tok.name == s3.S3_NAME
 
 

@@ -23,7 +23,7 @@ def _train_rvq(tiny_tables, out, **kw):
     split, meta = data.load_split(**tiny_tables)
     tr, va = data.speaker_split(split, 1, 0)
     p = Train(**(TINY | kw))
-    model = train.build_model("taste_rvq", int(meta["vocab_size"]), *split.widths, p, whisper.EMBEDDED, split.text_model)
+    model = train.build_model(int(meta["vocab_size"]), *split.widths, dataclasses.replace(p, squeeze="rvq"), whisper.EMBEDDED, split.text_model)
     train.fit(model, tr, va, p, out)
     return out
 
@@ -44,12 +44,12 @@ def test_codes_are_per_text_token_and_padding_is_marked(alignment):
     """With unit_alignment durations each token's last code is its duration, and decoding reads where
     each token lies off the codes too."""
     torch.manual_seed(0)
-    m = TasteModel(ModelConfig(variant="taste_rvq", vocab_size=16, d_model=32, n_heads=2, n_layers=1, d_ff=64,
+    m = TasteModel(ModelConfig(speech="tokens", squeeze="rvq", vocab_size=16, d_model=32, n_heads=2, n_layers=1, d_ff=64,
                                agg_layers=1, agg_heads=2, agg_ffn=64, rvq_levels=3, rvq_codebook_size=8,
                                unit_alignment=alignment))
     g = torch.Generator().manual_seed(0)
-    m.init_codebooks(torch.randn(64, 384, generator=g))
-    assert m.codebooks_ready
+    m.squeeze.init_codebooks(torch.randn(64, 384, generator=g))
+    assert m.squeeze.ready
     batch = {"text_emb": torch.randn(2, 5, 384, generator=g), "text_len": torch.tensor([5, 2]),
              "mid": torch.randn(2, 30, 384, generator=g), "last": torch.randn(2, 30, 384, generator=g),
              "frame_len": torch.tensor([30, 12]), "units": torch.randint(0, 16, (2, 9), generator=g),
@@ -59,7 +59,7 @@ def test_codes_are_per_text_token_and_padding_is_marked(alignment):
     extra = int(alignment == "durations")
     assert codes.shape == (2, 5, 3 + extra)
     assert (codes[0] >= 0).all() and (codes[1, :2] >= 0).all() and (codes[1, 2:] == -1).all()
-    assert m.cfg.bits_per_token == 3 * 3 + 8 * extra
+    assert m.bits_per_token == 3 * 3 + 8 * extra
     if extra:
         assert codes[:, :, -1].clamp(min=0).sum(1).tolist() == [30, 12]  # every frame in some token's span
     # Decoding from the codes alone is decoding from the speech: same logits, no Whisper states needed.
@@ -73,18 +73,18 @@ def test_codes_are_per_text_token_and_padding_is_marked(alignment):
         moved[0, 0, -1], moved[0, 1, -1] = codes[0, 1, -1], codes[0, 0, -1]
         assert not torch.allclose(m(dict(from_codes, codes=moved))[0][0], m(from_codes)[0][0])
     with pytest.raises(ValueError, match="no quantizer"):
-        TasteModel(ModelConfig(variant="taste", vocab_size=16, d_model=32, n_heads=2, n_layers=1, d_ff=64,
+        TasteModel(ModelConfig(speech="tokens", vocab_size=16, d_model=32, n_heads=2, n_layers=1, d_ff=64,
                                agg_layers=1, agg_heads=2, agg_ffn=64)).encode(batch)
 
 
 def test_codebooks_start_from_k_means_over_many_tokens(tiny_tables):
     split, meta = data.load_split(**tiny_tables)
     p = Train(**{**TINY, "rvq_codebook_size": 4})
-    model = train.build_model("taste_rvq", int(meta["vocab_size"]), *split.widths, p, whisper.EMBEDDED)
-    assert not model.codebooks_ready
+    model = train.build_model(int(meta["vocab_size"]), *split.widths, dataclasses.replace(p, squeeze="rvq"), whisper.EMBEDDED)
+    assert not model.squeeze.ready
     n = train.init_codebooks(model, data.as_subset(split), p)
-    assert n == 8 * 4 and model.codebooks_ready
-    first = model.quantizer.layers[0]._codebook.embed[0]
+    assert n == 8 * 4 and model.squeeze.ready
+    first = model.squeeze.quantizer.layers[0]._codebook.embed[0]
     assert len(torch.unique(first, dim=0)) == 4  # distinct centroids, not duplicated samples
 
 
@@ -92,7 +92,7 @@ def test_the_checkpoint_names_its_features_and_training_used_the_quantizer(rvq_d
     info = json.loads((rvq_dir / checkpoint.CONFIG_FILE).read_text())
     assert info["features"]["whisper.model"] == whisper.EMBEDDED
     assert info["features"]["text.case"] == "lower" and "whisper.mid_layer" in info["features"]
-    assert info["model_args"]["variant"] == "taste_rvq"
+    assert (info["model_args"]["speech"], info["model_args"]["squeeze"]) == ("tokens", "rvq")
 
 
 @pytest.mark.parametrize("model", ["rvq_dir", "rvq_durations_dir"])
@@ -168,9 +168,11 @@ def test_decode_rebuilds_units_from_codes_and_stops_at_the_model_limit(rvq_dir, 
     units = tok.decode(codes, row["text"], max_units=40)
     assert 0 < len(units) <= 40 and all(0 <= u < tok.model.cfg.vocab_size for u in units)
     assert tok.decode(codes, row["text"], max_units=40) == units  # sampled with a seeded generator: repeatable
+    # From the codes alone the decoder does what it does with the speech the codes were made from.
     greedy = tok.decode(codes, row["text"], max_units=40, top_k=None)
-    assert greedy == tok.model.generate(dict(tok._batch(tok.text_tokens(row["text"])),
-                                             codes=torch.from_numpy(codes)[None]), max_units=40)[0].tolist()
+    split = data.Split(tiny_tables["manifest_path"], tiny_tables["whisper_path"], tiny_tables["text_path"])
+    with_speech = data.collate([split.examples([1])[1]])
+    assert greedy == tok.model.generate(with_speech, max_units=40)[0].tolist()
 
 
 def test_clear_errors(rvq_dir, tiny_tables, tmp_path):
@@ -189,7 +191,7 @@ def test_clear_errors(rvq_dir, tiny_tables, tmp_path):
     with pytest.raises(TokenizerError, match="empty.flac: empty file"):
         tok.encode(empty, "hello")
     # A checkpoint without a quantizer.
-    taste = train.build_model("taste", 8, 384, 384, Train(**{**TINY, "agg_init": "fresh"}), None)
+    taste = train.build_model(8, 384, 384, Train(**{**TINY, "agg_init": "fresh"}), None)
     checkpoint.save_checkpoint(taste, tmp_path / "taste", {})
     with pytest.raises(TokenizerError, match="has no quantizer"):
         TasteTokenizer.load(tmp_path / "taste")

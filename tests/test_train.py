@@ -1,3 +1,4 @@
+import dataclasses
 import random
 
 import numpy as np
@@ -31,9 +32,9 @@ class _Grouped(data.InMemory):
         return i // 6
 
 
-def _model(variant="taste"):
+def _model(speech="tokens"):
     torch.manual_seed(0)
-    return TasteModel(ModelConfig(variant=variant, vocab_size=8, d_model=32, n_heads=2, n_layers=2, d_ff=64,
+    return TasteModel(ModelConfig(speech=speech, vocab_size=8, d_model=32, n_heads=2, n_layers=2, d_ff=64,
                                   agg_layers=1, agg_heads=2, agg_ffn=64, dropout=0.0))
 
 
@@ -91,8 +92,8 @@ def test_load_split_names_a_missing_utterance(tiny_tables, tmp_path):
 
 def test_initial_weights_follow_the_training_seed():
     p = Train(d_model=32, n_heads=2, n_layers=1, d_ff=64, agg_layers=1, agg_init="fresh", seed=3)
-    a, b = (train.build_model("taste", 8, 384, 384, p, None).state_dict() for _ in range(2))
-    c = train.build_model("taste", 8, 384, 384, Train(**{**p.__dict__, "seed": 4}), None).state_dict()
+    a, b = (train.build_model(8, 384, 384, p, None).state_dict() for _ in range(2))
+    c = train.build_model(8, 384, 384, Train(**{**p.__dict__, "seed": 4}), None).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
@@ -101,7 +102,7 @@ def test_initial_weights_follow_the_training_seed():
 def test_fresh_aggregator_takes_whisper_shapes_for_every_width(width):
     """agg_init: fresh works for every Whisper width (64-wide heads, FFN 4x), not only those divisible by 6."""
     p = Train(d_model=32, n_heads=2, n_layers=1, d_ff=64, agg_layers=1, agg_init="fresh")
-    model = train.build_model("taste", 8, width, width, p, None)
+    model = train.build_model(8, width, width, p, None)
     assert model.cfg.agg_heads == width // 64 and model.cfg.agg_ffn == 4 * width
     ex = _examples(n=2)
     for e in ex:
@@ -113,26 +114,26 @@ def test_fresh_aggregator_takes_whisper_shapes_for_every_width(width):
 def test_fresh_aggregator_refuses_a_width_it_cannot_split_naming_the_param():
     p = Train(d_model=32, n_heads=2, n_layers=1, d_ff=64, agg_layers=1, agg_init="fresh")
     with pytest.raises(ValueError, match="train.agg_init.*whisper.model.*100"):
-        train.build_model("taste", 8, 100, 100, p, None)
+        train.build_model(8, 100, 100, p, None)
 
 
 def test_a_finetuned_variant_starts_from_the_other_checkpoint(tmp_path):
     """text_only -> taste: the shared decoder starts trained, what only taste has starts fresh."""
     p = Train(d_model=32, n_heads=2, n_layers=1, d_ff=64, agg_layers=1, agg_init="fresh", seed=1)
-    first = train.build_model("text_only", 8, 384, 384, p, None)
+    first = train.build_model(8, 384, 384, dataclasses.replace(p, speech="none"), None)
     with torch.no_grad():
         for t in first.parameters():
             t.add_(1.0)
     checkpoint.save_checkpoint(first, tmp_path / "text_only", {})
-    fresh = train.build_model("taste", 8, 384, 384, p, None)
-    second = train.build_model("taste", 8, 384, 384, p, None)
+    fresh = train.build_model(8, 384, 384, p, None)
+    second = train.build_model(8, 384, 384, p, None)
     got = train.init_from(second, tmp_path / "text_only")
     theirs, ours, before = first.state_dict(), second.state_dict(), fresh.state_dict()
     assert got["copied"] and got["fresh"] and set(got["copied"]) | set(got["fresh"]) == set(ours)
     assert all(torch.equal(ours[k], theirs[k]) for k in got["copied"])
     assert all(torch.equal(ours[k], before[k]) for k in got["fresh"])
-    assert any(k.startswith("aggregator.") for k in got["fresh"]) and "head.weight" in got["copied"]
-    wider = train.build_model("taste", 8, 384, 384, Train(d_model=64, n_heads=2, n_layers=1, d_ff=64, agg_layers=1,
+    assert any(k.startswith("speech.aggregator.") for k in got["fresh"]) and "decoder.head.weight" in got["copied"]
+    wider = train.build_model(8, 384, 384, Train(d_model=64, n_heads=2, n_layers=1, d_ff=64, agg_layers=1,
                                                           agg_init="fresh"), None)
     with pytest.raises(ValueError, match="shapes differ"):
         train.init_from(wider, tmp_path / "text_only")
@@ -168,11 +169,11 @@ def test_codebooks_start_from_a_sample_of_the_whole_split_not_its_shortest_utter
                        torch.randn(8, 384, generator=g).half(), torch.randn(8, 384, generator=g).half(),
                        torch.zeros(8, dtype=torch.long)) for i, n in enumerate(range(1, 101))]
     torch.manual_seed(0)
-    model = TasteModel(ModelConfig(variant="taste_rvq", vocab_size=8, d_model=32, n_heads=2, n_layers=1, d_ff=64,
+    model = TasteModel(ModelConfig(speech="tokens", squeeze="rvq", vocab_size=8, d_model=32, n_heads=2, n_layers=1, d_ff=64,
                                    agg_layers=1, agg_heads=2, agg_ffn=64, rvq_codebook_size=32))
-    monkeypatch.setattr(model, "speech_vectors", lambda text_emb, mid, last, mask: text_emb.float())
+    monkeypatch.setattr(model.speech, "vectors", lambda batch: batch["text_emb"].float())
     seen = []
-    monkeypatch.setattr(model, "init_codebooks", lambda v: seen.append(v[:, 0].clone()))
+    monkeypatch.setattr(model.squeeze, "init_codebooks", lambda v: seen.append(v[:, 0].clone()))
     cfg = Train(batch_size=8, amp=False, seed=3)
     assert train.init_codebooks(model, ex, cfg) == 8 * 32
     lengths = seen[0]

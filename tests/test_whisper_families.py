@@ -3,6 +3,7 @@ tokenizer rebuilt from openai-whisper's own tiktoken files, give the prefixes op
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -70,13 +71,13 @@ def test_the_embedded_tiny_en_prefix_is_openai_whispers_english_one():
 def test_the_aggregator_starts_behind_the_familys_prefix(family):
     folder, multilingual, languages, vocab = family
     p = train_params.Train(d_model=32, n_heads=2, n_layers=1, d_ff=64, agg_layers=2)
-    model = train.build_model("taste", 16, 64, 64, p, str(folder), str(folder))
+    model = train.build_model(16, 64, 64, p, str(folder), str(folder))
     table = whisper.load_model(str(folder)).model.decoder.embed_tokens.weight
     expected = openai_prefix(multilingual, languages)
     assert model.cfg.agg_prefix == len(expected)
-    torch.testing.assert_close(model.aggregator.prefix.detach(), table[expected].detach())
+    torch.testing.assert_close(model.speech.aggregator.prefix.detach(), table[expected].detach())
     # The model runs with it, and the outputs drop the prefix.
-    out = model.aggregator(torch.randn(1, 5, 64), torch.randn(1, 30, 64), torch.randn(1, 30, 64),
+    out = model.speech.aggregator(torch.randn(1, 5, 64), torch.randn(1, 30, 64), torch.randn(1, 30, 64),
                            torch.ones(1, 30, dtype=torch.bool))
     assert out.shape == (1, 5, 64)
 
@@ -99,10 +100,10 @@ def test_a_text_model_other_than_the_whisper_model_fails_naming_both(family, tmp
     folder = family[0]
     p = train_params.Train(d_model=32, n_heads=2, n_layers=1, d_ff=64, agg_layers=2)
     with pytest.raises(ValueError, match="whisper.model.*text.model"):
-        train.build_model("taste", 16, 384, 64, p, str(folder), whisper.EMBEDDED)
+        train.build_model(16, 384, 64, p, str(folder), whisper.EMBEDDED)
     fresh = train_params.Train(d_model=32, n_heads=2, n_layers=1, d_ff=64, agg_layers=1, agg_init="fresh")
-    train.build_model("taste", 16, 384, 64, fresh, str(folder), whisper.EMBEDDED)  # any text model with fresh
-    train.build_model("text_only", 16, 384, 64, p, str(folder), whisper.EMBEDDED)  # no aggregator at all
+    train.build_model(16, 384, 64, fresh, str(folder), whisper.EMBEDDED)  # any text model with fresh
+    train.build_model(16, 384, 64, dataclasses.replace(p, speech="none"), str(folder), whisper.EMBEDDED)  # no aggregator at all
 
 
 @pytest.mark.parametrize("shards", [False, True])

@@ -28,6 +28,10 @@ MODEL_FILE, CONFIG_FILE, HISTORY_FILE = "model.safetensors", "config.json", "his
 RESUME_STATE, RESUME_INFO = "state.safetensors", "state.json"
 
 
+class CheckpointError(ValueError):
+    """A checkpoint this version cannot load; says what changed and how to rebuild it."""
+
+
 def save_checkpoint(model: TasteModel, out_dir: str | Path, info: dict) -> None:
     from safetensors.torch import save_file
 
@@ -50,7 +54,14 @@ def load_checkpoint(model_dir: str | Path, device: str = "cpu") -> tuple[TasteMo
 
     model_dir = Path(model_dir)
     info = json.loads((model_dir / CONFIG_FILE).read_text())
-    model = TasteModel(ModelConfig(**info["model_args"]))
+    args = info["model_args"]
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    if "variant" in args or set(args) - known:
+        what = (f"variant: {args['variant']!r}, where a variant is now a choice of parts (speech, squeeze, "
+                f"unit_alignment)" if "variant" in args else f"{sorted(set(args) - known)}, params the model no longer has")
+        raise CheckpointError(f"{model_dir}: saved by an older version of the model ({CONFIG_FILE} has {what}); "
+                              f"rebuild it with: dvc repro --glob '*@{model_dir.name}'")
+    model = TasteModel(ModelConfig(**args))
     model.load_state_dict(load_file(str(model_dir / MODEL_FILE)))
     if (model_dir / HISTORY_FILE).exists():
         info["history"] = json.loads((model_dir / HISTORY_FILE).read_text())

@@ -23,19 +23,9 @@ def _write_json(path: Path, obj) -> None:
 
 @torch.no_grad()
 def attention(model, ex: data.Example) -> np.ndarray:
-    """(text tokens, frames) cross-attention of the aggregator's last layer, mean over heads."""
-    attn = model.aggregator.layers[-1].encoder_attn
-    kept = attn.keep_weights, attn.last_weights  # an aligned model needs its own back as they were
-    attn.keep_weights = True
+    """(text tokens, frames): where each text token reads in the aggregator (its value layer, mean over heads)."""
     device = next(model.parameters()).device
-    try:
-        b = data.to_device(data.collate([ex]), device)
-        mask = torch.ones(1, len(ex.mid), dtype=torch.bool, device=device)
-        model.speech_vectors(b["text_emb"], b["mid"], b["last"], mask)
-        w = attn.last_weights[0].mean(0)[model.aggregator.num_prefix :]
-    finally:
-        attn.keep_weights, attn.last_weights = kept
-    return w.float().cpu().numpy()
+    return model.speech.frame_attention(data.to_device(data.collate([ex]), device))[0].float().cpu().numpy()
 
 
 def spread(n: int, k: int) -> list[int]:
@@ -75,18 +65,18 @@ def quantizer_metrics(model, test, batch_size: int, device: str, buffer_rows: in
     """Bitrate and codebook health of a quantized variant: bits per token and per second of test audio,
     per-level usage and perplexity of its codes on the test split, and with ``train_codes`` (the
     tokenize table of the train split) the share of each level's codes never used on all of train."""
-    cfg = model.cfg
-    out = {"bits_per_token": cfg.bits_per_token, "bitrate_bps": tokens_per_s * cfg.bits_per_token}
+    levels, size = model.squeeze.levels, model.squeeze.codebook_size
+    out = {"bits_per_token": model.bits_per_token, "bitrate_bps": tokens_per_s * model.bits_per_token}
     codes = encode_all(model, test, batch_size, device, buffer_rows)
-    out.update(metrics.codebook_stats(codes[:, : cfg.rvq_levels], cfg.rvq_codebook_size, "codebook_"))
-    if cfg.coded_durations:
+    out.update(metrics.codebook_stats(codes[:, :levels], size, "codebook_"))
+    if codes.shape[1] > levels:
         # What the 8-bit duration code would cost entropy-coded (its empirical entropy on the test split).
         p = np.bincount(codes[:, -1]) / len(codes)
         out["duration_entropy_bits"] = float(-(p[p > 0] * np.log2(p[p > 0])).sum())
     if train_codes:
         t = tables.read_codes(train_codes)
-        codes = np.concatenate([tables.row_matrix(t, "codes", i) for i in range(t.num_rows)])[:, : cfg.rvq_levels]
-        dead = [float(np.mean(np.bincount(codes[:, k], minlength=cfg.rvq_codebook_size) == 0))
+        codes = np.concatenate([tables.row_matrix(t, "codes", i) for i in range(t.num_rows)])[:, :levels]
+        dead = [float(np.mean(np.bincount(codes[:, k], minlength=size) == 0))
                 for k in range(codes.shape[1])]
         out.update({f"dead_codes_l{k + 1}": d for k, d in enumerate(dead)})
         out["dead_code_share"] = float(np.mean(dead))
@@ -115,9 +105,16 @@ def run(test_files: dict, train_s3: str, model_dirs: dict[str, str], text_model:
         if info["model_args"]["vocab_size"] != int(meta["vocab_size"]):
             raise ValueError(f"{model_dirs[name]} was trained on {info['model_args']['vocab_size']} units, "
                              f"the test targets have {meta['vocab_size']}")
+    # Roles come from the parts: the baseline reads no speech, the headline one vector per text token
+    # (the first of each, in train.variants order), the topline every Whisper frame (if one was trained).
+    role = lambda speech: next((n for n, (m, _) in models.items() if m.cfg.speech == speech), None)  # noqa: E731
+    baseline, headline, topline = role("none"), role("tokens"), role("frames")
+    if baseline is None or headline is None:
+        raise ValueError(f"evaluate needs a variant with speech: none and one with speech: tokens; got "
+                         f"{ {n: m.cfg.speech for n, (m, _) in models.items()} }")
     preds = {name: train.predict(m, test, batch_size, device, buffer_rows=buffer_rows) for name, (m, _) in models.items()}
     perm = metrics.derangement(len(test), seed)
-    preds["shuffled_speech"] = train.predict(models["taste"][0], test, batch_size, device,
+    preds["shuffled_speech"] = train.predict(models[headline][0], test, batch_size, device,
                                              speech_from=dict(enumerate(perm)), buffer_rows=buffer_rows)
     train_targets = tables.read_s3(train_s3).column("tokens").to_pylist()
     units = [test.units(i) for i in range(len(test))]
@@ -131,24 +128,21 @@ def run(test_files: dict, train_s3: str, model_dirs: dict[str, str], text_model:
         gen = generate_all(model, free, batch_size, device, buffer_rows, free_top_k, seed)
         scores[name].update({f"free_{k}": v for k, v in metrics.free_running(
             [g for g, _ in gen], [test.units(i) for i in free.indices], [c for _, c in gen]).items()})
-        if model.cfg.variant == "taste_rvq":
+        if model.squeeze is not None and model.squeeze.levels:
             scores[name].update(quantizer_metrics(model, test, batch_size, device, buffer_rows, tokens_per_s,
                                                   (train_codes or {}).get(name)))
-    # The topline: the variant that reads every Whisper frame (speech_frames), when one was trained.
-    topline = next((n for n, (_, info) in models.items() if info["model_args"]["variant"] == "speech_frames"), None)
-    for name in [n for n in models if n not in ("text_only", topline)] + ["shuffled_speech"]:
-        scores[name].update(metrics.gap_metrics(scores[name], scores["text_only"],
-                                                scores[topline] if topline else None))
-    # The headline is taste's, unprefixed; every other variant and the controls get their name as prefix.
-    result = {f"{k}": v for k, v in scores["taste"].items()}
-    for name in [n for n in models if n != "taste"] + ["shuffled_speech"]:
+    for name in [n for n in models if n not in (baseline, topline)] + ["shuffled_speech"]:
+        scores[name].update(metrics.gap_metrics(scores[name], scores[baseline], scores[topline] if topline else None))
+    # The headline is unprefixed; every other variant and the controls get their name as prefix.
+    result = {f"{k}": v for k, v in scores[headline].items()}
+    for name in [n for n in models if n != headline] + ["shuffled_speech"]:
         result.update({f"{name}_{k}": v for k, v in scores[name].items()})
     for name in ("copy_prev", "most_frequent"):
         result.update({f"{name}_{k}": v for k, v in scores[name].items() if k != "nll"})
     repeats = np.concatenate([u[1:] == u[:-1] for u in units])
     result.update({"targets": meta["targets"], "num_utterances": len(test), "unit_repeat_rate": float(repeats.mean()),
                    "text_tokens_per_s": tokens_per_s, "free_utterances": len(free.indices),
-                   "fusion_weight_speech": float(models["taste"][0].fusion_logits.detach().softmax(0)[1]),
+                   "fusion_weight_speech": float(models[headline][0].speech.fusion_logits.detach().softmax(0)[1]),
                    "best_epoch": {n: info["best"]["epoch"] for n, (_, info) in models.items()}})
     _write_json(Path(metrics_path), result)
 
@@ -164,16 +158,16 @@ def run(test_files: dict, train_s3: str, model_dirs: dict[str, str], text_model:
     att_dir = plots / "attention"
     att_dir.mkdir(exist_ok=True)
     shown = test.examples(range(min(attention_utterances, len(test))))
-    # Where timing is lost: targets against the topline's, taste's and text_only's top-1 over time.
+    # Where timing is lost: targets against the topline's, the headline's and the baseline's top-1 over time.
     unit_dir = plots / "units"
     unit_dir.mkdir(exist_ok=True)
-    order = [n for n in (topline, "taste", "text_only") if n]
+    order = [n for n in (topline, headline, baseline) if n]
     for i, ex in shown.items():
-        metrics.plot_units(preds["taste"][i]["target"][:-1], {n: preds[n][i]["pred"][:-1] for n in order},
+        metrics.plot_units(preds[headline][i]["target"][:-1], {n: preds[n][i]["pred"][:-1] for n in order},
                            f"{ex.utt_id}: target units and teacher-forced top-1 ({meta['targets']})",
                            unit_dir / f"{ex.utt_id}.png")
     for ex in shown.values():
-        w = attention(models["taste"][0], ex)
+        w = attention(models[headline][0], ex)
         tokens = [tokenizer.decode([int(i)]) for i in ex.token_ids]
         metrics.plot_attention(w, tokens, f"{ex.utt_id}: aggregator cross-attention (last layer)",
                                att_dir / f"{ex.utt_id}.png")

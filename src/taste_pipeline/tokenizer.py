@@ -37,9 +37,9 @@ class TokenizerError(ValueError):
 
 
 def _require_quantizer(model, model_dir) -> None:
-    if model.cfg.variant != "taste_rvq":
-        raise TokenizerError(f"{model_dir}: a {model.cfg.variant} checkpoint has no quantizer, so it gives no codes; "
-                             f"load a taste_rvq model (train.finetune, e.g. models/taste_rvq)")
+    if model.squeeze is None or not model.squeeze.levels:
+        raise TokenizerError(f"{model_dir}: a checkpoint with speech: {model.cfg.speech}, squeeze: {model.cfg.squeeze} "
+                             f"has no quantizer, so it gives no codes; load one with squeeze: rvq (e.g. models/taste_rvq)")
 
 
 class TasteTokenizer:
@@ -69,15 +69,15 @@ class TasteTokenizer:
     @property
     def levels(self) -> int:
         """Codes per text token: the residual-VQ levels, and the duration code with unit_alignment durations."""
-        return self.model.cfg.code_width
+        return self.model.speech.code_width
 
     @property
     def codebook_size(self) -> int:
-        return self.model.cfg.rvq_codebook_size
+        return self.model.squeeze.codebook_size
 
     @property
     def bits_per_token(self) -> float:
-        return self.model.cfg.bits_per_token
+        return self.model.bits_per_token
 
     def states(self) -> whisper_mod.WhisperStates:
         """Whisper, loaded on first use (decode does not need it)."""
@@ -153,7 +153,7 @@ class TasteTokenizer:
         if codes.ndim != 2 or codes.shape != (len(ids), self.levels):
             raise TokenizerError(f"codes of shape {codes.shape}: the transcript has {len(ids)} text tokens and "
                                  f"{self.model_dir} has {self.levels} levels, so ({len(ids)}, {self.levels}) is needed")
-        n_q = self.model.cfg.rvq_levels
+        n_q = self.model.squeeze.levels
         if not np.issubdtype(codes.dtype, np.integer) or codes[:, :n_q].min() < 0 or codes[:, :n_q].max() >= self.codebook_size:
             raise TokenizerError(f"codes must be integers in [0, {self.codebook_size})")
         if codes.shape[1] > n_q and (codes[:, n_q:].min() < 0 or codes[:, n_q:].max() > model_mod.DURATION_MAX):
@@ -179,11 +179,12 @@ def tokenize_split(model_dir: str | Path, manifest_path: str | Path, whisper_pat
     manifest = tables.read_manifest(manifest_path)
     n_tokens = sum(split.num_text_tokens(i) for i in range(len(split)))
     seconds = float(np.sum(manifest.column("duration").to_numpy()))
-    meta = {"tokenizer.model": str(model_dir), "tokenizer.variant": model.cfg.variant,
-            "rvq_levels": str(model.cfg.rvq_levels), "rvq_codebook_size": str(model.cfg.rvq_codebook_size),
-            "bits_per_token": str(model.cfg.bits_per_token), "text_tokens_per_s": str(n_tokens / seconds),
-            "bitrate_bps": str(n_tokens * model.cfg.bits_per_token / seconds), "targets": info.get("targets", "")}
-    if model.cfg.coded_durations:
+    squeeze, bits = model.squeeze, model.bits_per_token
+    meta = {"tokenizer.model": str(model_dir), "tokenizer.variant": Path(model_dir).name,
+            "rvq_levels": str(squeeze.levels), "rvq_codebook_size": str(squeeze.codebook_size),
+            "bits_per_token": str(bits), "text_tokens_per_s": str(n_tokens / seconds),
+            "bitrate_bps": str(n_tokens * bits / seconds), "targets": info.get("targets", "")}
+    if model.speech.code_width > squeeze.levels:
         meta["duration_bits"] = str(model_mod.DURATION_BITS)
 
     @torch.no_grad()
@@ -197,11 +198,11 @@ def tokenize_split(model_dir: str | Path, manifest_path: str | Path, whisper_pat
             for i, c in zip(group, model.encode(batch).cpu().numpy()):
                 codes[i] = c[: len(ex[i].token_ids)]
         return {"token_ids": [ex[i].token_ids.astype(np.int32).tolist() for i in idx],
-                "codes": tables.code_column([codes[i] for i in idx], model.cfg.code_width)}
+                "codes": tables.code_column([codes[i] for i in idx], model.speech.code_width)}
 
     files = [Path(model_dir) / checkpoint.MODEL_FILE, Path(model_dir) / checkpoint.CONFIG_FILE,
              Path(whisper_path), Path(text_path)]
-    n = extract.run("tokenize", manifest_path, out_path, tables.codes_schema(model.cfg.code_width), meta,
+    n = extract.run("tokenize", manifest_path, out_path, tables.codes_schema(model.speech.code_width), meta,
                     {"batch_size": batch_size, "rows_per_group": rows_per_group}, encode, rows_per_group,
                     partial_dir, ranks, files, needs_audio=False)
     if ranks.rank == 0:

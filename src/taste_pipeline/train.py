@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from . import hardware
 from .checkpoint import Progress, Resume, save_checkpoint, save_history
 from .data import Example, Loader, Subset, as_subset, batches, collate, fixed_batches, to_device
-from .model import AGGREGATING, ModelConfig, TasteModel
+from .model import ModelConfig, TasteModel
 from .train_params import Train
 from .ranks import Ranks
 
@@ -82,20 +82,20 @@ def codebook_sample(data, tokens: int, seed: int):
 
 @torch.no_grad()
 def init_codebooks(model: TasteModel, data, cfg: Train, per_code: int = 8) -> int:
-    """taste_rvq: k-means-initialise the codebooks on the speech vectors of ``per_code`` x codebook size
+    """squeeze rvq: k-means-initialise the codebooks on the speech vectors of ``per_code`` x codebook size
     text tokens of utterances drawn at random from ``data`` (``codebook_sample``); returns how many."""
-    want = per_code * model.cfg.rvq_codebook_size
+    squeeze = model.squeeze
+    want = per_code * squeeze.codebook_size
     model.eval()
     got: list[torch.Tensor] = []
     for _, batch in fixed_batches(codebook_sample(data, want, cfg.seed), cfg.batch_size, cfg.buffer_rows, cfg.device):
         mask = torch.arange(batch["text_emb"].shape[1], device=cfg.device)[None] < batch["text_len"][:, None]
-        frames = torch.arange(batch["mid"].shape[1], device=cfg.device)[None] < batch["frame_len"][:, None]
         with autocast(cfg.device, cfg.amp):
-            vectors = model.speech_vectors(batch["text_emb"], batch["mid"], batch["last"], frames)
+            vectors = model.speech.vectors(batch)
         got.append(vectors[mask].float())
     vectors = torch.cat(got)
     keep = torch.randperm(len(vectors), generator=torch.Generator().manual_seed(cfg.seed))[:want]
-    model.init_codebooks(vectors[keep.sort().values.to(vectors.device)])
+    squeeze.init_codebooks(vectors[keep.sort().values.to(vectors.device)])
     return len(keep)
 
 
@@ -189,7 +189,7 @@ def fit(model: TasteModel, train_ex, val_ex, cfg: Train, out_dir: str | Path,
     rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
     net = model.to(cfg.device)
-    if ranks.world > 1:  # find_unused_parameters: the aggregator's last residual branch gets no gradient
+    if ranks.world > 1:  # find_unused_parameters: the aggregator's last MLP gets no gradient (its read is the output)
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[torch.device(cfg.device).index] if cfg.device.startswith("cuda") else None,
             find_unused_parameters=True)
@@ -212,13 +212,13 @@ def fit(model: TasteModel, train_ex, val_ex, cfg: Train, out_dir: str | Path,
             model.load_state_dict(best_state)
             save_checkpoint(model, out_dir, {"best": prog.best, **info})
             model.load_state_dict(now)
-        print(f"resuming {model.cfg.variant} from {resume_dir}: epoch {prog.epoch}, step {prog.step}")
-    if model.cfg.variant == "taste_rvq" and not model.codebooks_ready:
+        print(f"resuming from {resume_dir}: epoch {prog.epoch}, step {prog.step}")
+    if model.squeeze is not None and model.squeeze.levels and not model.squeeze.ready:
         n = init_codebooks(model, train_ex, cfg)
         if lead:
             print(f"codebooks: k-means over the speech vectors of {n} text tokens")
     # Only the other ranks pass ``disable``: passing it on the lead would override TQDM_DISABLE.
-    bar = tqdm(total=total, initial=prog.step, desc=f"train {model.cfg.variant}", unit="step",
+    bar = tqdm(total=total, initial=prog.step, desc="train", unit="step",
                **({} if lead else {"disable": True}))
     for epoch in range(prog.epoch, cfg.epochs):
         model.train()
@@ -271,13 +271,12 @@ def fit(model: TasteModel, train_ex, val_ex, cfg: Train, out_dir: str | Path,
     return {"best": prog.best, "history": prog.history, "steps": prog.step}
 
 
-def build_model(model: str, vocab_size: int, d_query: int, d_audio: int, p: Train,
-                whisper_model: str | None, text_model: str | None = None,
-                max_units_per_token: float = 0.0) -> TasteModel:
-    """A fresh ``model`` (taste or text_only) from the ``train`` params; the aggregator starts from
-    Whisper's decoder with ``agg_init: whisper`` (behind the family's task prefix,
-    ``whisper.prefix_tokens``), else random with Whisper's shape rule for its width (64-wide heads,
-    FFN 4x the width).
+def build_model(vocab_size: int, d_query: int, d_audio: int, p: Train, whisper_model: str | None,
+                text_model: str | None = None, max_units_per_token: float = 0.0) -> TasteModel:
+    """A fresh model of the variant whose params are ``p`` (its parts: ``p.speech``, ``p.squeeze``,
+    ``p.unit_alignment``). With ``speech: tokens`` the aggregator starts from Whisper's decoder with
+    ``agg_init: whisper`` (behind the family's task prefix, ``whisper.prefix_tokens``), else random with
+    Whisper's shape rule for its width (64-wide heads, FFN 4x the width).
 
     ``text_model`` is the text table's ``text.model``: with ``agg_init: whisper`` the Whisper decoder
     reads the text embeddings, so they must be that Whisper's own. ``max_units_per_token``: the training
@@ -287,10 +286,10 @@ def build_model(model: str, vocab_size: int, d_query: int, d_audio: int, p: Trai
     process, so without this the same params would train a different model each run.
     """
     torch.manual_seed(p.seed)
-    cfg = ModelConfig.build(p, variant=model, vocab_size=vocab_size, d_query=d_query, d_audio=d_audio,
+    cfg = ModelConfig.build(p, vocab_size=vocab_size, d_query=d_query, d_audio=d_audio,
                             max_units_per_token=max_units_per_token)
-    if model not in AGGREGATING:
-        return TasteModel(dataclasses.replace(cfg, text_dropout=0.0))
+    if p.speech != "tokens":
+        return TasteModel(cfg)
     if p.agg_init == "fresh":
         if d_audio % 64:
             raise ValueError(f"train.agg_init: fresh gives the aggregator 64-wide heads, but the Whisper width "
@@ -306,7 +305,7 @@ def build_model(model: str, vocab_size: int, d_query: int, d_audio: int, p: Trai
     prefix = whisper.prefix_tokens(whisper.load_tokenizer(whisper_model), wm.config.vocab_size, p.agg_language)
     model = TasteModel(dataclasses.replace(cfg, agg_heads=wm.config.decoder_attention_heads, agg_prefix=len(prefix),
                                            agg_ffn=wm.config.decoder_ffn_dim, max_text=wm.config.max_target_positions))
-    model.aggregator.init_from_whisper(wm, prefix)
+    model.speech.aggregator.init_from_whisper(wm, prefix)
     return model
 
 

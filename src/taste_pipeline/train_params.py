@@ -16,9 +16,11 @@ from . import hardware
 from .params import ParamError, _device, coerce
 from .params import load as _load
 
-VARIANTS = ("taste", "text_only", "speech_frames", "taste_rvq")
-# The variants with an aggregator (one speech vector per text token); taste_rvq quantizes the vectors.
-AGGREGATING = ("taste", "taste_rvq")
+# The parts a variant is made of (``model.SPEECH``, ``SQUEEZES``, ``PLACEMENTS``; a test keeps them equal).
+SPEECH = ("none", "tokens", "frames")
+SQUEEZES = ("none", "rvq")
+UNIT_ALIGNMENTS = ("none", "attention", "durations")
+AGG_INITS = ("whisper", "fresh")
 
 
 @dataclass(frozen=True)
@@ -26,9 +28,16 @@ class ModelArgs:
     """Every architecture hyperparameter, with params.yaml's defaults (a test keeps them equal).
 
     The ``train`` params inherit these fields, so adding a hyperparameter is one field here, its entry in
-    params.yaml and its use; checks name the param as ``train.<field>``.
+    params.yaml and its use; checks name the param as ``train.<field>``. A variant is a choice of parts
+    (``speech``, ``squeeze``, ``unit_alignment``) and any other of these, set in its entry.
     """
 
+    # What conditions the decoder on speech: none (text alone, the baseline of every gap), tokens (TASTE:
+    # one aggregated vector per text token) or frames (the topline: the Whisper frame at every unit step).
+    speech: str = "tokens"
+    # speech tokens: what the vectors pass through: none, or rvq (TASTE's tokenizer, a residual VQ of
+    # rvq_levels codes per token).
+    squeeze: str = "none"
     agg_layers: int = 4  # aggregator layers (the pretrained Whisper decoder's first ones with agg_init whisper)
     agg_init: str = "whisper"  # whisper: the pretrained Whisper decoder's first layers; fresh: random
     # The last ``agg_value_layers`` aggregator layers take their values from the middle Whisper layer;
@@ -41,20 +50,14 @@ class ModelArgs:
     # speech vectors turn into one utterance summary; frozen, each token keeps Whisper's alignment and
     # only what it reads from the values (v_proj, out_proj, MLP) is learned.
     agg_freeze_alignment: bool = True
-    # "attention": a token's speech vector is what its value-layer cross-attention read (attention over
-    # mid-layer frames, after v_proj/out_proj); "residual": the aggregator's final hidden state, which
-    # also carries the token's text identity through the residual stream.
-    agg_output: str = "attention"
-    # Add to each speech vector where its token read: the value layers' attention over the frames' Whisper
-    # sinusoids (the unit clock's basis), so the vector states its word's time span, not only its sound.
-    agg_time_code: bool = False
-    # "attention": each unit input r also gets the fused vector of the text token that the value layer's
-    # attention puts at frame r (the token attending most to it) — the token's span, read off the speech,
+    # speech tokens: how the decoder is told where the tokens lie. "attention": each unit input r also
+    # gets the fused vector of the text token that the value layer's attention puts at frame r (the token
+    # attending most to it) — the token's span, read off the speech,
     # places its vector on the unit clock — and where r lies in that span (frames since it began, its
     # length), on Whisper's sinusoid basis. The decoder still sees one vector per token, plus where the
     # speech says each token is. "durations": the same, coded per token — each token's span is the
     # number of frames the attention gives it (at most DURATION_MAX), the tokens laid end to end in text
-    # order; taste_rvq sends that count as one more code per token (8 bits), so its codes alone decode.
+    # order; squeeze rvq sends that count as one more code per token (8 bits), so its codes alone decode.
     # "none": the decoder finds its place in the text itself (TASTE).
     unit_alignment: str = "none"
     d_model: int = 192
@@ -62,16 +65,9 @@ class ModelArgs:
     n_layers: int = 3
     d_ff: int = 768
     max_len: int = 2048  # unit positions: TASK + units (2048 = 41 s at 50 Hz)
-    # "whisper_sinusoid": a unit's position is a learned projection of the same sinusoid that Whisper's
-    # encoder adds to frame t, so the decoder's clock and the time code inside the speech vectors share
-    # one basis (the output at unit position t predicts the unit of frame t). "learned": a free table.
-    unit_positions: str = "whisper_sinusoid"
-    # Training only: the chance that an utterance's text branch is zeroed in the fused prefix, so the
-    # decoder has to learn to read the speech vectors instead of memorizing from text alone.
-    text_dropout: float = 0.0
     dropout: float = 0.1
-    # taste_rvq: a residual VQ (vector-quantize-pytorch, as TASTE) turns each speech vector into
-    # rvq_levels codes of rvq_codebook_size entries: EMA codebooks k-means-initialised on the first batch,
+    # squeeze rvq: a residual VQ (vector-quantize-pytorch, as TASTE) turns each speech vector into
+    # rvq_levels codes of rvq_codebook_size entries: EMA codebooks k-means-initialised before training,
     # codes whose EMA use falls under rvq_dead_code replaced by batch vectors, the commitment loss
     # (weight rvq_commitment) added to the loss, and quantizer dropout (train on a random 1..n_q levels).
     rvq_levels: int = 4
@@ -87,9 +83,8 @@ class ModelArgs:
                 raise ParamError(f"train.{name}: must be at least 1, got {getattr(self, name)}")
         if self.d_model % self.n_heads:
             raise ParamError(f"train.d_model: {self.d_model} is not divisible by train.n_heads {self.n_heads}")
-        for name in ("text_dropout", "dropout"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ParamError(f"train.{name}: must be in [0, 1), got {getattr(self, name)}")
+        if not 0 <= self.dropout < 1:
+            raise ParamError(f"train.dropout: must be in [0, 1), got {self.dropout}")
         if self.rvq_codebook_size < 2:
             raise ParamError(f"train.rvq_codebook_size: must be at least 2, got {self.rvq_codebook_size}")
         if not 0 < self.rvq_decay < 1:
@@ -99,29 +94,29 @@ class ModelArgs:
                 raise ParamError(f"train.{name}: must be 0 or more, got {getattr(self, name)}")
         if not 1 <= self.agg_value_layers <= self.agg_layers:
             raise ParamError(f"train.agg_value_layers: {self.agg_value_layers} is not in 1..train.agg_layers ({self.agg_layers})")
-        for name, allowed in (("agg_output", AGG_OUTPUTS), ("unit_positions", UNIT_POSITIONS), ("agg_init", AGG_INITS),
+        for name, allowed in (("speech", SPEECH), ("squeeze", SQUEEZES), ("agg_init", AGG_INITS),
                               ("unit_alignment", UNIT_ALIGNMENTS)):
             if getattr(self, name) not in allowed:
                 raise ParamError(f"train.{name}: {getattr(self, name)!r} is not one of {list(allowed)}")
 
-
-AGG_OUTPUTS, UNIT_POSITIONS, AGG_INITS = ("attention", "residual"), ("whisper_sinusoid", "learned"), ("whisper", "fresh")
-UNIT_ALIGNMENTS = ("none", "attention", "durations")
+        if self.squeeze != "none" and self.speech != "tokens":
+            raise ParamError(f"train.squeeze: {self.squeeze!r} squeezes token vectors; train.speech is {self.speech!r}")
 
 
 @dataclass(frozen=True)
 class Train(ModelArgs):
     """Training params: the model's hyperparameters (``ModelArgs``) and the training loop's.
 
-    ``variants``: name -> {model: taste | text_only, and any other train param to override for this
-    variant alone}, each trained from scratch (``train@<name>``). ``finetune``: the same, plus ``init``,
-    the variant whose best checkpoint it starts from (``finetune@<name>``), so a curriculum is a chain
-    of DVC stages.
+    ``variants``: name -> {the train params that differ for this variant: its parts (``speech``,
+    ``squeeze``, ``unit_alignment``) and any other}, each trained from scratch (``train@<name>``).
+    ``finetune``: the same, plus ``init``, the variant whose best checkpoint it starts from
+    (``finetune@<name>``), so a curriculum is a chain of DVC stages. Evaluation finds its roles from the
+    parts: the baseline is the variant with ``speech: none``, the topline one with ``speech: frames``.
     """
 
-    variants: dict = field(default_factory=lambda: {"taste": {"model": "taste"}, "text_only": {"model": "text_only"},
-                                                    "speech_frames": {"model": "speech_frames"}})
-    finetune: dict = field(default_factory=lambda: {"taste_rvq": {"model": "taste_rvq", "init": "taste", "lr": 0.0005,
+    variants: dict = field(default_factory=lambda: {"taste": {"speech": "tokens"}, "text_only": {"speech": "none"},
+                                                    "speech_frames": {"speech": "frames"}})
+    finetune: dict = field(default_factory=lambda: {"taste_rvq": {"squeeze": "rvq", "init": "taste", "lr": 0.0005,
                                                                   "epochs": 4, "warmup_steps": 50}})
     lr: float = 1e-3
     epochs: int = 10
@@ -153,28 +148,33 @@ class Train(ModelArgs):
         for name in ("checkpoint_steps", "buffer_rows", "num_workers"):
             if getattr(self, name) < 0:
                 raise ParamError(f"train.{name}: must be 0 or more, got {getattr(self, name)}")
-        for name in ("taste", "text_only"):
-            if self.variants.get(name, {}).get("model") != name:
-                raise ParamError(f"train.variants: needs {name}: {{model: {name}}} (evaluate compares the two)")
         names = [*self.variants, *self.finetune]
         if len(set(names)) < len(names):
             raise ParamError(f"train.variants / train.finetune: a name is used twice in {names}")
-        for name in names:
-            self.variant(name)  # every variant's own params are checked too
+        speech = [self.variant(name)[0].speech for name in self.variants]  # every variant's params are checked
+        for part, role in (("none", "text alone: the baseline every gap is measured from"),
+                           ("tokens", "one vector per text token: the headline")):
+            if part not in speech:
+                raise ParamError(f"train.variants: needs a variant with speech: {part} ({role})")
+        for name in self.finetune:
+            self.variant(name)
 
-    def variant(self, name: str) -> tuple["Train", str, str | None]:
-        """This variant's params (its overrides applied), its model, and the variant it starts from."""
+    def variant(self, name: str) -> tuple["Train", str | None]:
+        """This variant's params (its overrides applied) and the variant it starts from."""
         group = "variants" if name in self.variants else "finetune"
         spec = (self.variants if group == "variants" else self.finetune).get(name)
         where = f"train.{group}.{name}"
-        if not isinstance(spec, dict) or spec.get("model") not in VARIANTS:
-            raise ParamError(f"{where}: needs model: one of {list(VARIANTS)}, got {spec!r}")
+        if not isinstance(spec, dict):
+            raise ParamError(f"{where}: needs a mapping of train params (speech, squeeze, ...), got {spec!r}")
+        if "model" in spec:
+            raise ParamError(f"{where}: model: {spec['model']!r} is gone: a variant is a choice of parts, e.g. "
+                             f"{{speech: tokens}}, {{speech: none}}, {{speech: frames}}, {{speech: tokens, squeeze: rvq}}")
         init = spec.get("init")
         if group == "finetune" and init not in [n for n in [*self.variants, *self.finetune] if n != name]:
             raise ParamError(f"{where}.init: {init!r} is not another variant")
         if group == "variants" and init is not None:
             raise ParamError(f"{where}.init: a variant with init belongs under train.finetune")
-        overrides = {k: v for k, v in spec.items() if k not in ("model", "init")}
+        overrides = {k: v for k, v in spec.items() if k != "init"}
         bad = sorted(set(overrides) & {"variants", "finetune"})
         if bad:
             raise ParamError(f"{where}: {bad} cannot be set per variant")
@@ -184,7 +184,7 @@ class Train(ModelArgs):
             ModelArgs.check(own)
         except ParamError as e:
             raise ParamError(f"{where}: {e}") from None
-        return own, spec["model"], init
+        return own, init
 
 
 @dataclass(frozen=True)
