@@ -10,12 +10,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-NEED="espeakng-loader soundfile cffi pycparser s3tokenizer"
 
 if [ "${1:-}" = pack ]; then
     mkdir -p .gpu
-    # The versions installed here (requirements.txt), for the GPU machine's Python (default 3.12).
-    pins=$($PY -m pip freeze | grep -i -E "^($(echo $NEED | tr ' ' '|'))==")
+    # What the code path imports beyond the GPU image, derived from the code (bench/gpu_pack.py), at the
+    # versions installed here (requirements.txt), for the GPU machine's Python (default 3.12).
+    pins=$($PY bench/gpu_pack.py)
+    $PY bench/gpu_pack.py --modules > .gpu/modules.txt
     $PY -m pip download -q --no-deps --only-binary=:all: --python-version "${GPU_PYTHON:-3.12}" --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
         --platform any -d .gpu $pins
@@ -27,10 +28,15 @@ fi
 out=${1:-gpu-results.json}
 shift || true
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-if ! $PY -c "import soundfile, s3tokenizer, espeakng_loader" 2>/dev/null; then
+# Every module the code path imports must load before a minute of GPU time is spent (the list is the
+# pack's, made beside the wheels; without a pack, the few the image is known to lack).
+mods=$(cat .gpu/modules.txt 2>/dev/null || echo "soundfile s3tokenizer espeakng_loader jiwer vector_quantize_pytorch")
+check="import importlib.util, sys; bad = [m for m in sys.argv[1:] if importlib.util.find_spec(m) is None]; print(' '.join(bad)); sys.exit(bool(bad))"
+if ! $PY -c "$check" $mods >/dev/null; then
     ls .gpu/*.whl >/dev/null 2>&1 || { echo "bench/gpu.sh: packages missing and no .gpu/ wheels: run 'bash bench/gpu.sh pack' first" >&2; exit 2; }
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gpu-site .gpu/*.whl
     export PYTHONPATH=/tmp/gpu-site${PYTHONPATH:+:$PYTHONPATH}
+    missing=$($PY -c "$check" $mods) || { echo "bench/gpu.sh: still missing after the pack: $missing" >&2; exit 2; }
 fi
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 tok=()

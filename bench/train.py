@@ -10,7 +10,7 @@ Baseline: every batch padded to the corpus-wide maximum length, float32.
 Project:  length-sorted batches (data.batches), autocast as `train.amp` resolves on this machine
           (auto: bfloat16 only where it is native, else float32).
 Prints where the time goes (data = collate + copy, forward, backward + optimizer) and, as its last
-line, `ratio: <project target tokens per s / baseline target tokens per s>`. No target yet (issue 5).
+line, `ratio: <project target tokens per s / baseline target tokens per s>`.
 """
 
 import argparse

@@ -36,36 +36,62 @@ def experiments() -> dict[str, dict]:
     return runs
 
 
-def report(runs: dict[str, dict]) -> None:
+SYSTEM_METRICS = ("top1_acc", "change_top1_acc", "nll", "free_uer", "free_length_error", "free_no_end")
+GAP_METRICS = ("speech_bits_per_s", "gap_closed_nll", "gap_closed_top1_acc", "gap_closed_change_top1_acc",
+               "bitrate_bps", "dead_code_share")
+
+
+def mean_sd(xs: list[float]) -> tuple[float, float]:
+    return statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
+def summarize(runs: dict[str, dict]) -> dict:
+    """Over one run per seed (the first seen): per system and metric (mean, sd); per variant and gap
+    metric the values per seed and (mean, sd); the headline's gaps to each control per seed. A system
+    or metric counts only when every run has it."""
     by_seed = {}
     for r in runs.values():
-        by_seed.setdefault(r["seed"], r)  # one row per seed
+        by_seed.setdefault(r["seed"], r)
     rows = [by_seed[s] for s in sorted(by_seed)]
-    print(f"seeds: {sorted(by_seed)}; targets: {rows[0].get('targets')}; test utterances: {rows[0].get('num_utterances')}")
-    fmt = lambda xs: f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs) if len(xs) > 1 else 0:.4f}"  # noqa: E731
-    systems = [("taste", ""), ("text_only", "text_only_"), ("shuffled_speech", "shuffled_speech_")]
-    if all("speech_frames_nll" in r for r in rows):
-        systems.insert(0, ("speech_frames (topline)", "speech_frames_"))
-    if all("taste_rvq_nll" in r for r in rows):
-        systems.insert(2, ("taste_rvq", "taste_rvq_"))
-    print("| metric | " + " | ".join(n for n, _ in systems) + " |\n|---|" + "---|" * len(systems))
-    for m in ("top1_acc", "change_top1_acc", "nll", "free_uer", "free_length_error", "free_no_end"):
-        if all(p + m in r for r in rows for _, p in systems if not p.startswith("shuffled")):
-            print(f"| {m} | " + " | ".join(fmt([r[p + m] for r in rows]) if p + m in rows[0] else ""
-                                           for _, p in systems) + " |")
-    print(f"copy_prev top1_acc: {fmt([r['copy_prev_top1_acc'] for r in rows])}")
-    # What taste (and the shuffled control) gets of what speech can add: per seed, then mean ± sd.
-    for name, p in (("taste", ""), ("taste_rvq", "taste_rvq_"), ("shuffled_speech", "shuffled_speech_")):
-        for m in ("speech_bits_per_s", "gap_closed_nll", "gap_closed_top1_acc", "gap_closed_change_top1_acc",
-                  "bitrate_bps", "dead_code_share"):
+    systems = {"speech_frames": "speech_frames_", "taste": "", "taste_rvq": "taste_rvq_", "text_only": "text_only_",
+               "shuffled_speech": "shuffled_speech_"}
+    table = {}
+    for name, p in systems.items():
+        got = {m: mean_sd([r[p + m] for r in rows]) for m in SYSTEM_METRICS if all(p + m in r for r in rows)}
+        if "nll" in got:
+            table[name] = got
+    gaps = {}
+    for name in ("taste", "taste_rvq", "shuffled_speech"):
+        p = systems[name]
+        for m in GAP_METRICS:
             if all(p + m in r for r in rows):
                 xs = [r[p + m] for r in rows]
-                print(f"{name} {m}, per seed: {[round(x, 4) for x in xs]}  mean {fmt(xs)}")
+                gaps[(name, m)] = {"per_seed": xs, "mean_sd": mean_sd(xs)}
+    controls = {}
     for ctrl in ("text_only", "shuffled_speech"):
         for m, sign in (("change_top1_acc", 1), ("nll", -1)):
-            gaps = [sign * (r[m] - r[f"{ctrl}_{m}"]) for r in rows]
-            print(f"gap taste vs {ctrl} on {m} (positive = taste better), per seed: "
-                  f"{[round(g, 4) for g in gaps]}  mean {fmt(gaps)}")
+            xs = [sign * (r[m] - r[f"{ctrl}_{m}"]) for r in rows]
+            controls[(ctrl, m)] = {"per_seed": xs, "mean_sd": mean_sd(xs)}
+    return {"seeds": sorted(by_seed), "targets": rows[0].get("targets"), "num_utterances": rows[0].get("num_utterances"),
+            "systems": table, "gaps": gaps, "controls": controls,
+            "copy_prev_top1_acc": mean_sd([r["copy_prev_top1_acc"] for r in rows])}
+
+
+def report(runs: dict[str, dict]) -> None:
+    s = summarize(runs)
+    print(f"seeds: {s['seeds']}; targets: {s['targets']}; test utterances: {s['num_utterances']}")
+    fmt = lambda ms: f"{ms[0]:.4f} ± {ms[1]:.4f}"  # noqa: E731
+    names = list(s["systems"])
+    print("| metric | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
+    for m in SYSTEM_METRICS:
+        if any(m in s["systems"][n] for n in names):
+            print(f"| {m} | " + " | ".join(fmt(s["systems"][n][m]) if m in s["systems"][n] else "" for n in names) + " |")
+    print(f"copy_prev top1_acc: {fmt(s['copy_prev_top1_acc'])}")
+    for (name, m), g in s["gaps"].items():
+        print(f"{name} {m}, per seed: {[round(x, 4) for x in g['per_seed']]}  mean {fmt(g['mean_sd'])}")
+    for (ctrl, m), g in s["controls"].items():
+        print(f"gap taste vs {ctrl} on {m} (positive = taste better), per seed: "
+              f"{[round(x, 4) for x in g['per_seed']]}  mean {fmt(g['mean_sd'])}")
 
 
 def main() -> None:

@@ -45,6 +45,7 @@ def repo(tmp_path_factory):
     (repo / "params.yaml").write_text(yaml.safe_dump(p))
     _run(["git", "init", "-q"], repo)
     _run(["dvc", "init", "-q"], repo)
+    shutil.copytree(ROOT / ".dvc" / "plots", repo / ".dvc" / "plots")  # the plot templates dvc.yaml names
     # A user's clone has history; DVCLive and `dvc exp` need at least one commit.
     _run(["git", "add", "-A"], repo)
     _run(["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid", "commit", "-q", "-m", "init"], repo)
@@ -97,11 +98,33 @@ def test_metrics_and_plots(repo):
     assert (repo / "metrics/train/taste/plots/metrics/train/step_loss.tsv").exists()
 
 
+def test_the_interactive_plots_draw_each_variant_in_its_own_colour(repo):
+    """DVC's own template colours by revision: one purple for every variant. Ours: one colour per series,
+    drawn by vega itself, and axes that say what they hold."""
+    import json
+    import re
+
+    import vl_convert
+
+    plots = json.loads(_run(["dvc", "plots", "show", "--json"], repo))["data"]
+    variants = ["taste", "text_only", "speech_frames", "taste_ft", "taste_rvq"]
+    for title in ("Training loss per step", "Validation NLL per epoch", "Accuracy by position (test)"):
+        spec = plots[title][0]["content"]
+        svg = vl_convert.vegalite_to_svg(spec)
+        colours = set(re.findall(r'<path[^>]*aria-roledescription="line mark"[^>]*stroke="(#[0-9a-fA-F]{6})"', svg))
+        series = 6 if title.startswith("Accuracy") else len(variants) - 1  # taste_ft is not declared in dvc.yaml
+        assert len(colours) == series, (title, colours)
+        assert spec["encoding"]["x"]["title"] != spec["encoding"]["x"]["field"]  # a label, not the column name
+    legend = vl_convert.vegalite_to_svg(plots["Validation NLL per epoch"][0]["content"])
+    for name in ("taste", "text_only", "speech_frames", "taste_rvq"):
+        assert f">{name}<" in legend
+
+
 def test_a_finetuned_variant_runs_after_the_one_it_starts_from(repo):
     dag = _run(["dvc", "dag", "--dot"], repo)
     assert '"train@text_only" -> "finetune@taste_ft"' in dag and '"finetune@taste_ft" -> "evaluate"' in dag
     log = (repo / "metrics/train/taste_ft/params.yaml").read_text()
-    assert "init: text_only" in log and "model: taste" in log
+    assert "init: text_only" in log and "speech: tokens" in log
 
 
 def test_the_plots_page_works_offline_with_each_plot_once(repo):

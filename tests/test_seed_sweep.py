@@ -1,7 +1,9 @@
-"""scripts/seed_sweep.py's report: the topline column and the gap-closed lines, mean ± sd over seeds."""
+"""scripts/seed_sweep.py: one run per seed, mean ± sd of every system's metrics and of the gaps closed."""
 
 import importlib.util
 from pathlib import Path
+
+import pytest
 
 
 def _sweep():
@@ -19,15 +21,18 @@ def _run(seed, nll, gap):
     return row
 
 
-def test_report_has_the_topline_and_the_gap_closed_per_seed(capsys):
-    _sweep().report({"a": _run(1, 2.4, 0.1), "b": _run(2, 2.2, 0.3), "c": _run(2, 9.9, 0.9)})  # seed 2 twice: first wins
-    out = capsys.readouterr().out
-    assert "| metric | speech_frames (topline) | taste | text_only | shuffled_speech |" in out
-    assert "| nll | 1.5000 ± 0.0000 | 2.3000 ± 0.1414 | 2.5000 ± 0.0000 | 2.6000 ± 0.0000 |" in out
-    assert "taste gap_closed_nll, per seed: [0.1, 0.3]  mean 0.2000 ± 0.1414" in out
+def test_one_run_per_seed_and_the_spread_over_seeds():
+    s = _sweep().summarize({"a": _run(1, 2.4, 0.1), "b": _run(2, 2.2, 0.3), "c": _run(2, 9.9, 0.9)})  # seed 2 twice: first wins
+    assert s["seeds"] == [1, 2]
+    assert list(s["systems"]) == ["speech_frames", "taste", "text_only", "shuffled_speech"]
+    mean, sd = s["systems"]["taste"]["nll"]
+    assert mean == pytest.approx(2.3) and sd == pytest.approx(0.1414, abs=1e-4)
+    assert s["systems"]["text_only"]["nll"] == (2.5, 0.0)
+    assert s["gaps"][("taste", "gap_closed_nll")]["per_seed"] == [0.1, 0.3]
+    assert s["controls"][("text_only", "nll")]["per_seed"] == pytest.approx([0.1, 0.3])  # positive: taste better
 
 
-def test_report_adds_taste_rvq_and_free_running_when_every_run_has_them(capsys):
+def test_taste_rvq_and_free_running_count_only_when_every_run_has_them():
     runs = {}
     for i, (seed, gap) in enumerate(((1, 0.1), (2, 0.2))):
         r = _run(seed, 2.4, 0.1)
@@ -36,11 +41,11 @@ def test_report_adds_taste_rvq_and_free_running_when_every_run_has_them(capsys):
         r.update({"taste_rvq_nll": 2.45, "taste_rvq_top1_acc": 0.4, "taste_rvq_change_top1_acc": 0.1,
                   "taste_rvq_gap_closed_nll": gap, "taste_rvq_bitrate_bps": 100.0})
         runs[str(seed)] = r
-    _sweep().report(runs)
-    out = capsys.readouterr().out
-    assert "| metric | speech_frames (topline) | taste | taste_rvq | text_only | shuffled_speech |" in out
-    assert "| free_uer | 1.0000 ± 0.7071 | 1.0000 ± 0.7071 | 1.0000 ± 0.7071 | 1.0000 ± 0.7071 |  |" in out
-    assert "taste_rvq gap_closed_nll, per seed: [0.1, 0.2]  mean 0.1500 ± 0.0707" in out
-    assert "taste_rvq bitrate_bps, per seed: [100.0, 100.0]" in out
-    _sweep().report({k: {m: v for m, v in r.items() if "free_" not in m} for k, r in runs.items()})
-    assert "free_uer" not in capsys.readouterr().out
+    s = _sweep().summarize(runs)
+    assert list(s["systems"]) == ["speech_frames", "taste", "taste_rvq", "text_only", "shuffled_speech"]
+    assert s["systems"]["taste_rvq"]["free_uer"] == pytest.approx((1.0, 0.7071), abs=1e-4)
+    assert s["gaps"][("taste_rvq", "gap_closed_nll")]["mean_sd"] == pytest.approx((0.15, 0.0707), abs=1e-4)
+    assert s["gaps"][("taste_rvq", "bitrate_bps")]["per_seed"] == [100.0, 100.0]
+    del runs["2"]["taste_rvq_free_uer"]
+    assert "free_uer" not in _sweep().summarize(runs)["systems"]["taste_rvq"]
+    assert "free_uer" in _sweep().summarize(runs)["systems"]["taste"]

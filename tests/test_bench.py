@@ -1,0 +1,89 @@
+"""The benches cannot rot: each runs in its smallest mode here, and bench/gpu.sh carries what its code imports."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import gpu_pack  # noqa: E402
+
+
+def _bench(script: str, *args, cwd=ROOT) -> str:
+    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT / "bench")}
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / script), *map(str, args)], cwd=cwd, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"bench/{script} {' '.join(map(str, args))} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r.stdout
+
+
+@pytest.fixture(scope="module")
+def two_utterances(tiny_resampled, tmp_path_factory):
+    """A manifest of the tiny split's first two utterances (its audio folder linked beside it)."""
+    import pyarrow as pa
+
+    from taste_pipeline import tables
+
+    d = tmp_path_factory.mktemp("two")
+    (d / "audio").symlink_to(tiny_resampled / "audio")
+    rows = tables.read_manifest(tiny_resampled / "manifest.parquet").to_pylist()[:2]
+    tables.write_table(d / "manifest.parquet", pa.Table.from_pylist(rows, schema=tables.MANIFEST), tables.MANIFEST)
+    return d / "manifest.parquet"
+
+
+@pytest.mark.parametrize("script,args", [
+    ("whisper.py", ["--manifest", "{manifest}"]),
+    ("s3.py", ["--manifest", "{manifest}"]),
+    ("train.py", ["--utterances", "4", "--batch-size", "2"]),
+], ids=["whisper", "s3", "train"])
+def test_a_bench_runs_and_ends_with_its_ratio(script, args, two_utterances):
+    out = _bench(script, *[a.format(manifest=two_utterances) for a in args])
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("ratio: ") and float(last.split()[1]) >= 0, last
+
+
+@pytest.mark.parametrize("stage", ["whisper", "evaluate"])  # evaluate trains the variants first: the train stage too
+def test_the_memory_bench_runs_every_stage_it_measures(stage):
+    out = _bench("memory.py", "--stage", stage, "--n", "2", "--seconds", "2")
+    assert "peak RSS" in out and out.strip().splitlines()[-1].startswith("ratio: ")
+
+
+def test_the_gpu_bench_runs_its_whole_path_on_a_cpu(tmp_path):
+    """bench/gpu.py's dry run on a CPU takes every section of the GPU run: the pipeline (all variants'
+    parts), the S3 encoder and the scale case; none may fail."""
+    out_json = tmp_path / "gpu.json"
+    _bench("gpu.py", "--device", "cpu", "--train-utts", "8", "--test-utts", "4", "--epochs", "1", "--s3-utts", "1",
+           "--s3-long-utts", "1", "--scale-utts", "2", "--scale-batch", "2", "--json", out_json)
+    got = json.loads(out_json.read_text())
+    assert got["failed"] == [], got["failed"]
+    assert {"train_taste_units_per_s", "train_text_only_units_per_s", "train_speech_frames_units_per_s"} <= set(got)
+
+
+def test_the_gpu_pack_carries_every_module_the_gpu_path_imports():
+    """Everything bench/gpu.py imports, directly or through the package (lazy imports too), is in the GPU
+    image, in the pack, or named as never run there, with its reason."""
+    modules = gpu_pack.third_party_imports()
+    packed = set(gpu_pack.pack())
+    owners = gpu_pack.distributions(modules - set(gpu_pack.NOT_RUN))
+    left_out = {m: d for m, d in owners.items() if d not in packed and d not in gpu_pack.IMAGE}
+    assert not left_out, f"bench/gpu.sh would not carry {left_out}"
+    # What once broke the GPU run: the free-running evaluation's and the quantizer's libraries.
+    assert {"jiwer", "rapidfuzz", "vector-quantize-pytorch", "einx"} <= packed
+    assert not packed & gpu_pack.IMAGE
+
+
+def test_a_new_import_anywhere_in_the_path_is_found(tmp_path, monkeypatch):
+    """The scan follows the package's modules and imports inside functions, so a lazy import in a module
+    the bench runs is packed without anyone editing a list."""
+    pkg = tmp_path / "taste_pipeline"
+    pkg.mkdir()
+    (pkg / "helper.py").write_text("def f():\n    import jiwer\n    from rapidfuzz import fuzz\n")
+    entry = tmp_path / "entry.py"
+    entry.write_text("import torch\nfrom taste_pipeline import helper\n")
+    monkeypatch.setattr(gpu_pack, "PACKAGE", pkg)
+    assert gpu_pack.third_party_imports(entry) == {"torch", "jiwer", "rapidfuzz"}
