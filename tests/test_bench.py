@@ -9,13 +9,23 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
 
-import gpu_pack  # noqa: E402
+
+def _load(name: str):
+    """A bench module by file (bench/ on sys.path would shadow openai-whisper's ``whisper`` package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+gpu_pack = _load("gpu_pack")
 
 
 def _bench(script: str, *args, cwd=ROOT) -> str:
-    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT / "bench")}
+    env = {**os.environ, "TQDM_DISABLE": "1"}
     r = subprocess.run([sys.executable, str(ROOT / "bench" / script), *map(str, args)], cwd=cwd, env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, f"bench/{script} {' '.join(map(str, args))} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"

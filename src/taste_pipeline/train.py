@@ -168,6 +168,61 @@ def _log(live, event: list) -> None:
             live.log_metric(f"epoch/{k}", event[1][k])
 
 
+def _setup(model: TasteModel, cfg: Train, ranks: Ranks):
+    """The model on its device (wrapped in DDP under torchrun), AdamW and the loss scaler."""
+    net = model.to(cfg.device)
+    if ranks.world > 1:  # find_unused_parameters: the aggregator's last MLP gets no gradient (its read is the output)
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[torch.device(cfg.device).index] if cfg.device.startswith("cuda") else None,
+            find_unused_parameters=True)
+    # float16 autocast (CUDA without bf16) needs loss scaling; for bfloat16 and float32 this is a no-op.
+    scaler = torch.amp.GradScaler(cfg.device.split(":")[0], enabled=hardware.resolve_amp(cfg.amp, cfg.device) == "float16")
+    return net, configure_optimizer(model, cfg), scaler
+
+
+def _restore(model, opt, resume: Resume | None, rng: random.Random, live, out_dir: Path, info: dict, lead: bool):
+    """A killed run's progress and best weights so far (fresh ones without a valid state): the RNG where
+    the epoch began, the DVCLive logs DVC cleared written again, the best checkpoint back in place."""
+    loaded = resume.load(model, opt) if resume else None
+    if not loaded:
+        return Progress(), None
+    prog, best_state = loaded
+    rng.setstate(prog.rng_state())
+    for event in prog.events:
+        _log(live, event)
+    if best_state is not None and lead:
+        now = {k: v.clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(best_state)
+        save_checkpoint(model, out_dir, {"best": prog.best, **info})
+        model.load_state_dict(now)
+    print(f"resuming from {resume.dir}: epoch {prog.epoch}, step {prog.step}")
+    return prog, best_state
+
+
+def _end_epoch(model, val_ex, cfg: Train, prog: Progress, live, bar, out_dir: Path, info: dict, lead: bool,
+               best_state: dict | None, keep_best: bool) -> tuple[bool, dict | None]:
+    """Validate, log, keep the best checkpoint; (whether to stop early, the best weights for the resume state)."""
+    val = summarize(predict(model, val_ex, cfg.batch_size * 2, cfg.device, amp=cfg.amp, buffer_rows=cfg.buffer_rows))
+    record = {"epoch": prog.epoch, "train_loss": prog.losses / prog.counts, "val_nll": val["nll"],
+              "val_top1_acc": val["top1_acc"]}
+    prog.history.append(record)
+    prog.events.append(["epoch", record])
+    _log(live, prog.events[-1])
+    bar.write(f"epoch {prog.epoch}: train {record['train_loss']:.3f}  val nll {val['nll']:.3f}  val top1 {val['top1_acc']:.3f}")
+    if val["nll"] < prog.best["val_nll"]:
+        prog.best, prog.bad_epochs = {"val_nll": val["nll"], "val_top1_acc": val["top1_acc"], "epoch": prog.epoch}, 0
+        if lead:
+            save_checkpoint(model, out_dir, {"best": prog.best, **info})
+        if keep_best:
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return False, best_state
+    prog.bad_epochs += 1
+    if prog.bad_epochs >= cfg.patience:
+        bar.write(f"stopping: validation NLL has not improved for {cfg.patience} epochs")
+        return True, best_state
+    return False, best_state
+
+
 def fit(model: TasteModel, train_ex, val_ex, cfg: Train, out_dir: str | Path,
         live=None, resume_dir: str | Path | None = None, fp: str = "", checkpoint_steps: int = 0,
         ranks: Ranks | None = None) -> dict:
@@ -184,42 +239,22 @@ def fit(model: TasteModel, train_ex, val_ex, cfg: Train, out_dir: str | Path,
 
     train_ex, val_ex = as_subset(train_ex), as_subset(val_ex)
     ranks = ranks or Ranks()
-    lead, out_dir = ranks.rank == 0, Path(out_dir)
-    live = live if lead else None
+    lead, out_dir, live = ranks.rank == 0, Path(out_dir), live if ranks.rank == 0 else None
     rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
-    net = model.to(cfg.device)
-    if ranks.world > 1:  # find_unused_parameters: the aggregator's last MLP gets no gradient (its read is the output)
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[torch.device(cfg.device).index] if cfg.device.startswith("cuda") else None,
-            find_unused_parameters=True)
-    opt = configure_optimizer(model, cfg)
-    # float16 autocast (CUDA without bf16) needs loss scaling; for bfloat16 and float32 this is a no-op.
-    scaler = torch.amp.GradScaler(cfg.device.split(":")[0], enabled=hardware.resolve_amp(cfg.amp, cfg.device) == "float16")
+    net, opt, scaler = _setup(model, cfg, ranks)
     total = planned_steps(train_ex, cfg)
     resume = Resume(resume_dir, fp, ranks, cfg.device) if resume_dir is not None else None
     # What made the features and the targets: the tokenizer rebuilds the same features from new audio.
     info = {"seed": cfg.seed, "train": dataclasses.asdict(cfg), "features": getattr(train_ex.source, "feature_meta", {}),
             "targets": getattr(train_ex.source, "meta", {}).get("targets", "")}
-    loaded = resume.load(model, opt) if resume else None
-    prog, best_state = loaded or (Progress(), None)
-    if loaded:
-        rng.setstate(prog.rng_state())
-        for event in prog.events:  # DVC cleared the old logs with the outputs: write them again, unchanged
-            _log(live, event)
-        if best_state is not None and lead:
-            now = {k: v.clone() for k, v in model.state_dict().items()}
-            model.load_state_dict(best_state)
-            save_checkpoint(model, out_dir, {"best": prog.best, **info})
-            model.load_state_dict(now)
-        print(f"resuming from {resume_dir}: epoch {prog.epoch}, step {prog.step}")
+    prog, best_state = _restore(model, opt, resume, rng, live, out_dir, info, lead)
     if model.squeeze is not None and model.squeeze.levels and not model.squeeze.ready:
         n = init_codebooks(model, train_ex, cfg)
         if lead:
             print(f"codebooks: k-means over the speech vectors of {n} text tokens")
     # Only the other ranks pass ``disable``: passing it on the lead would override TQDM_DISABLE.
-    bar = tqdm(total=total, initial=prog.step, desc="train", unit="step",
-               **({} if lead else {"disable": True}))
+    bar = tqdm(total=total, initial=prog.step, desc="train", unit="step", **({} if lead else {"disable": True}))
     for epoch in range(prog.epoch, cfg.epochs):
         model.train()
         prog.epoch = epoch
@@ -231,8 +266,7 @@ def fit(model: TasteModel, train_ex, val_ex, cfg: Train, out_dir: str | Path,
         for b in range(prog.batch, len(loader)):
             for g in opt.param_groups:
                 g["lr"] = lr_at(prog.step, total, cfg)
-            mine, weight = loader.get(b), loader.share(loader.groups[b])[1]
-            loss, n = train_step(net, opt, scaler, mine, weight, cfg, ranks)
+            loss, n = train_step(net, opt, scaler, loader.get(b), loader.share(loader.groups[b])[1], cfg, ranks)
             prog.losses, prog.counts, prog.step = prog.losses + loss * n, prog.counts + n, prog.step + 1
             prog.events.append(["step", loss, opt.param_groups[0]["lr"]])
             _log(live, prog.events[-1])
@@ -242,23 +276,9 @@ def fit(model: TasteModel, train_ex, val_ex, cfg: Train, out_dir: str | Path,
                 prog.batch = b + 1
                 resume.save(model, opt, best_state, prog)
         prog.batch = 0
-        val = summarize(predict(model, val_ex, cfg.batch_size * 2, cfg.device, amp=cfg.amp, buffer_rows=cfg.buffer_rows))
-        record = {"epoch": epoch, "train_loss": prog.losses / prog.counts, "val_nll": val["nll"], "val_top1_acc": val["top1_acc"]}
-        prog.history.append(record)
-        prog.events.append(["epoch", record])
-        _log(live, prog.events[-1])
-        bar.write(f"epoch {epoch}: train {record['train_loss']:.3f}  val nll {val['nll']:.3f}  val top1 {val['top1_acc']:.3f}")
-        if val["nll"] < prog.best["val_nll"]:
-            prog.best, prog.bad_epochs = {"val_nll": val["nll"], "val_top1_acc": val["top1_acc"], "epoch": epoch}, 0
-            if lead:
-                save_checkpoint(model, out_dir, {"best": prog.best, **info})
-            if resume:
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            prog.bad_epochs += 1
-            if prog.bad_epochs >= cfg.patience:
-                bar.write(f"stopping: validation NLL has not improved for {cfg.patience} epochs")
-                break
+        stop, best_state = _end_epoch(model, val_ex, cfg, prog, live, bar, out_dir, info, lead, best_state, bool(resume))
+        if stop:
+            break
         if resume:
             prog.epoch = epoch + 1
             prog.set_rng(rng.getstate())
