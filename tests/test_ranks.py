@@ -1,5 +1,6 @@
 """torchrun with 2 CPU ranks writes the same extraction tables as one process."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,11 +11,13 @@ import yaml
 pytestmark = pytest.mark.slow  # torchrun with 2 processes: deselect with -m 'not slow'
 
 REPO = Path(__file__).resolve().parents[1]
+# The ranks are told apart by their progress bars: keep them on whatever the caller's environment says.
+ENV = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
 
 
 def _torchrun(n, args, cwd):
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-                           *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=600)
+                           *map(str, args)], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.parametrize("stage", ["whisper", "s3"])
@@ -37,7 +40,7 @@ def test_two_ranks_write_the_same_table_as_one_process(tiny_resampled, tmp_path,
         doc["whisper"]["processes"] = 2
         (tmp_path / "params.yaml").write_text(yaml.safe_dump(doc))
         two = subprocess.run([sys.executable, *map(str, args(tmp_path / "two.parquet", tmp_path / "p2"))],
-                             cwd=tmp_path, capture_output=True, text=True)
+                             cwd=tmp_path, env=ENV, capture_output=True, text=True)
     else:  # torchrun by hand, as on several machines
         two = _torchrun(2, args(tmp_path / "two.parquet", tmp_path / "p2"), tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
