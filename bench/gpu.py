@@ -127,7 +127,7 @@ def small_pipeline(work: Path, device: str, tokenizer_json: Path, train_utts: in
     units = sum(split.num_units(i) for i in train_ex.indices)
     for kind, speech in (("taste", "tokens"), ("text_only", "none"), ("speech_frames", "frames")):
         model = train.build_model(int(meta["vocab_size"]), *split.widths, dataclasses.replace(p, speech=speech),
-                                  str(model_dir))
+                                  str(model_dir), max_units_per_token=data.max_units_per_token(train_ex))
         reset_peak(device)
         t = time.perf_counter()
         summary = train.fit(model, train_ex, val_ex, p, work / "models" / kind, None, work / "resume" / kind, "fp")
@@ -256,7 +256,8 @@ def main() -> int:
     ap.add_argument("--train-utts", type=int, default=240)
     ap.add_argument("--test-utts", type=int, default=48)
     ap.add_argument("--s3-utts", type=int, default=128)
-    ap.add_argument("--s3-long-utts", type=int, default=2, help="40 s utterances (longer than S3's 30 s window)")
+    ap.add_argument("--s3-long-utts", type=int, default=2, help="utterances longer than S3's 30 s window")
+    ap.add_argument("--s3-long-seconds", type=float, default=40.0)
     ap.add_argument("--epochs", type=int, default=3, help="training epochs of each variant in the small pipeline")
     ap.add_argument("--scale-utts", type=int, default=1000)
     ap.add_argument("--scale-batch", type=int, default=32)
@@ -290,7 +291,8 @@ def main() -> int:
         sections = [
             ("small pipeline", lambda: small_pipeline(work, device, tok_json, args.train_utts, args.test_utts, out,
                                                                 args.epochs)),
-            ("s3 encoder", lambda: s3_encoder(device, speech(work, args.s3_utts, 15.0) + speech(work, args.s3_long_utts, 40.0),
+            ("s3 encoder", lambda: s3_encoder(device, speech(work, args.s3_utts, 15.0)
+                                                + speech(work, args.s3_long_utts, args.s3_long_seconds),
                                                 out)),
             ("scale", lambda: scale_case(device, speech(work, args.scale_utts, 15.0), args.scale_batch, out, peak)),
         ]

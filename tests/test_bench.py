@@ -67,8 +67,8 @@ def test_the_gpu_bench_runs_its_whole_path_on_a_cpu(tmp_path):
     """bench/gpu.py's dry run on a CPU takes every section of the GPU run: the pipeline (all variants'
     parts), the S3 encoder and the scale case; none may fail."""
     out_json = tmp_path / "gpu.json"
-    _bench("gpu.py", "--device", "cpu", "--train-utts", "8", "--test-utts", "4", "--epochs", "1", "--s3-utts", "1",
-           "--s3-long-utts", "1", "--scale-utts", "2", "--scale-batch", "2", "--json", out_json)
+    _bench("gpu.py", "--device", "cpu", "--train-utts", "8", "--test-utts", "4", "--epochs", "1", "--s3-utts", "0",
+           "--s3-long-utts", "1", "--s3-long-seconds", "31", "--scale-utts", "2", "--scale-batch", "2", "--json", out_json)
     got = json.loads(out_json.read_text())
     assert got["failed"] == [], got["failed"]
     assert {"train_taste_units_per_s", "train_text_only_units_per_s", "train_speech_frames_units_per_s"} <= set(got)
