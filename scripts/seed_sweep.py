@@ -4,6 +4,9 @@ text-to-topline gap taste closes (`gap_closed_*`, `speech_bits_per_s`) and of th
 
     python scripts/seed_sweep.py 1 2 3          # runs one experiment per seed (train + evaluate)
     python scripts/seed_sweep.py --report-only  # summarize experiments that already ran
+    python scripts/seed_sweep.py --report-only --all-commits  # also experiments based on earlier commits
+        (only when no dependency of the pipeline changed between those commits: `git diff A B -- dvc.yaml
+        params.yaml stages src` is empty)
 
 Each seed is an ordinary DVC experiment (`dvc exp run -S train.seed=N --name seed-N`), so
 `dvc exp show` lists them too. The workspace result (default seed) counts as one of the seeds.
@@ -18,8 +21,9 @@ KEYS = ["top1_acc", "change_top1_acc", "nll", "text_only_top1_acc", "text_only_c
         "shuffled_speech_top1_acc", "shuffled_speech_change_top1_acc", "shuffled_speech_nll", "copy_prev_top1_acc"]
 
 
-def experiments() -> dict[str, dict]:
-    out = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], check=True, capture_output=True, text=True).stdout)
+def experiments(all_commits: bool = False) -> dict[str, dict]:
+    cmd = ["dvc", "exp", "show", "--json"] + (["--all-commits"] if all_commits else [])
+    out = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
     runs = {}
     for rev in out:
         # The workspace and the experiments; not the baseline commit, whose committed metrics may be stale.
@@ -98,11 +102,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("seeds", nargs="*", type=int)
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--all-commits", action="store_true", help="count experiments of earlier commits too")
     args = ap.parse_args()
     if not args.report_only:
         for s in args.seeds:
             subprocess.run(["dvc", "exp", "run", "--temp", "-S", f"train.seed={s}", "--name", f"seed-{s}"], check=True)
-    report(experiments())
+    report(experiments(args.all_commits))
 
 
 if __name__ == "__main__":
