@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,3 +98,20 @@ def test_a_new_import_anywhere_in_the_path_is_found(tmp_path, monkeypatch):
     entry.write_text("import torch\nfrom taste_pipeline import helper\n")
     monkeypatch.setattr(gpu_pack, "PACKAGE", pkg)
     assert gpu_pack.third_party_imports(entry) == {"torch", "jiwer", "rapidfuzz"}
+
+
+def test_encoder_flops_match_torch_flop_counter():
+    """bench/gpu.py's FLOP count, against torch's own counter on a small Whisper encoder."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import WhisperConfig
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    bench = _load("gpu")
+    cfg = WhisperConfig(num_mel_bins=80, d_model=64, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=256,
+                        max_source_positions=1500)
+    cfg._attn_implementation = "eager"  # the counter does not see CPU SDPA kernels; eager attention is matmuls
+    enc = WhisperEncoder(cfg).eval()
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        enc(torch.randn(1, 80, 3000))
+    counted = counter.get_total_flops()
+    assert abs(bench.encoder_flops(cfg, 1500) - counted) / counted < 0.02, (bench.encoder_flops(cfg, 1500), counted)

@@ -1,13 +1,11 @@
 import dataclasses
-import random
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
-from taste_pipeline import checkpoint, data, params, train
+from taste_pipeline import checkpoint, data, train
 from taste_pipeline.train_params import Train
 from taste_pipeline.model import ModelConfig, TasteModel
 
