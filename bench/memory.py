@@ -4,7 +4,7 @@
 
 whisper: writes a resampled split of N (then 4N) copies of one `--seconds` s utterance and runs the real
 stage script (params.yaml's `whisper` section, rows_per_group 8).
-train / evaluate: writes the four tables of a split of N (then 4N) utterances of `--seconds` s with
+train / evaluate: writes the five tables of a split of N (then 4N) utterances of `--seconds` s with
 random features of tiny.en's width (row groups of 8) and runs stages/train.py (a small model, one epoch,
 `train.buffer_rows` 16) or stages/evaluate.py (`evaluate.buffer_rows` 16, on models trained first).
 Each run is a fresh process; its peak RSS is read. A stage that held the split in memory would grow by
@@ -63,7 +63,7 @@ def peak_rss_mb(script: str, args: list, workdir: Path) -> float:
 
 
 def make_tables(out: Path, n: int, seconds: int, width: int = 384, seed: int = 0) -> dict[str, Path]:
-    """The four tables of a split of ``n`` utterances (4 speakers), random features, row groups of 8."""
+    """The five tables of a split of ``n`` utterances (4 speakers), random features, row groups of 8."""
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True)
     frames = tables.frames_for(seconds * tables.SAMPLE_RATE)
@@ -82,20 +82,22 @@ def make_tables(out: Path, n: int, seconds: int, width: int = 384, seed: int = 0
     tables.write_table(out / "s3.parquet", {"utt_id": ids, "num_tokens": [frames] * n,
                                             "tokens": [rng.integers(0, 16, frames).tolist() for _ in ids]},
                        tables.S3, metadata={"targets": "random (memory probe)", "vocab_size": "16"}, rows_per_group=8)
-    return {k: out / f"{k}.parquet" for k in ("manifest", "whisper", "text", "s3")}
+    tables.write_table(out / "speaker.parquet", {"utt_id": ids, "emb": rng.standard_normal((n, 256)).tolist()},
+                       tables.speaker_schema(256), metadata={"speaker.source": "random (memory probe)"})
+    return {k: out / f"{k}.parquet" for k in ("manifest", "whisper", "text", "s3", "speaker")}
 
 
 def model_stage(stage: str, t: dict[str, Path], workdir: Path) -> float:
     """Peak RSS of the train stage (taste) or of evaluate (after training both variants)."""
     def train_args(variant):
         return [variant, t["manifest"], t["whisper"], t["text"], t["s3"], workdir / "models" / variant,
-                workdir / "live" / variant]
+                workdir / "live" / variant, "--speaker", t["speaker"]]
     if stage == "train":
         return peak_rss_mb("train.py", train_args("taste"), workdir)
     for variant in ("taste", "text_only"):
         peak_rss_mb("train.py", train_args(variant), workdir)
     return peak_rss_mb("evaluate.py", [t["manifest"], t["whisper"], t["text"], t["s3"], t["s3"], workdir / "models",
-                                       workdir / "eval.json", workdir / "plots"], workdir)
+                                       workdir / "eval.json", workdir / "plots", "--speaker", t["speaker"]], workdir)
 
 
 def main() -> None:

@@ -35,7 +35,8 @@ def synthetic(n: int, d_query: int, d_audio: int, vocab: int, seed: int = 0) -> 
             text_emb=torch.from_numpy(rng.standard_normal((tokens, d_query), np.float32)).half(),
             mid=torch.from_numpy(rng.standard_normal((frames, d_audio), np.float32)).half(),
             last=torch.from_numpy(rng.standard_normal((frames, d_audio), np.float32)).half(),
-            units=torch.from_numpy(rng.integers(0, vocab, frames))))
+            units=torch.from_numpy(rng.integers(0, vocab, frames)),
+            speaker=torch.from_numpy(rng.standard_normal(256, np.float32))))
     return out
 
 

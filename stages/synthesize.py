@@ -1,6 +1,8 @@
 """Stage synthesize: write the embedded espeak-ng corpus in LibriSpeech layout.
 
-    python stages/synthesize.py <out_dir>
+    python stages/synthesize.py <out_dir> [--words-dir DIR]
+
+With --words-dir, each split's true word timings (espeak-ng's word events) go to DIR/<split>.parquet.
 """
 
 import argparse
@@ -11,11 +13,12 @@ from taste_pipeline import corpus, params
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("out_dir")
+    ap.add_argument("--words-dir", help="where each split's word timings table goes")
     args = ap.parse_args()
     base, data, p = params.load("base"), params.load("data"), params.load("synthesize")
     corpus.synthesize(args.out_dir, data.train_split, data.test_split, p.train_utterances, p.test_utterances,
                       p.train_voices, p.test_voices, p.chapters_per_speaker, p.pause_prob, p.max_pause_ms,
-                      base.seed)
+                      base.seed, args.words_dir)
 
 
 if __name__ == "__main__":

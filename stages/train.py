@@ -2,7 +2,7 @@
 checkpoint by validation NLL.
 
     python stages/train.py <variant> <manifest> <whisper> <text> <s3> <model_dir> <live_dir> [--resume-dir DIR]
-        [--init <model_dir of the variant it starts from>]
+        [--init <model_dir of the variant it starts from>] [--speaker <speaker table of the train split>]
 
 A run that is killed resumes from its last saved step when started again with the same params and
 inputs (the state lives in --resume-dir, which DVC does not clear; see train.fit). Under
@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("live_dir")
     ap.add_argument("--resume-dir", help="where the resume state is kept between a kill and a rerun")
     ap.add_argument("--init", help="model dir of the variant this one starts from (train.finetune.<name>.init)")
+    ap.add_argument("--speaker", help="speaker table of the train split (the speaker stage's; train.speaker embedding)")
     args = ap.parse_args()
     w, base = params.load("whisper"), params.load("base")
     p, init = train_params.load("train").variant(args.variant)
@@ -44,24 +45,28 @@ def main() -> None:
     if ranks.rank == 0:
         print(hardware.describe(str(p.amp).lower(), amp, "train.amp", device))
     p = dataclasses.replace(p, device=device, amp=amp)
-    split, meta = data.load_split(args.manifest, args.whisper, args.text, args.s3)
+    if p.speaker != "none" and args.speaker is None:
+        sys.exit(f"train.speaker: {p.speaker} needs --speaker (the speaker stage's table): run it as dvc.yaml does")
+    split, meta = data.load_split(args.manifest, args.whisper, args.text, args.s3,
+                                  args.speaker if p.speaker != "none" else None)
     # The held-out speaker follows base.seed, not train.seed: seeds then differ only in initialization and
     # batch order, so a seed sweep compares variants on the same data.
     train_ex, val_ex = data.speaker_split(split, p.val_speakers, base.seed)
     model = train.build_model(int(meta["vocab_size"]), *split.widths, p, w.model, split.text_model,
-                              data.max_units_per_token(train_ex))
+                              data.max_units_per_token(train_ex), split.speaker_width)
     if args.init:
         got = train.init_from(model, args.init)
         print(f"{args.variant}: starts from {args.init} ({len(got['copied'])} tensors; fresh: {len(got['fresh'])})")
-    parts = f"speech {p.speech}, squeeze {p.squeeze}, unit_alignment {p.unit_alignment}"
+    parts = f"speech {p.speech}, squeeze {p.squeeze}, unit_alignment {p.unit_alignment}, speaker {p.speaker}"
     print(f"{args.variant} ({parts}): {model.num_params() / 1e6:.2f} M parameters; {len(train_ex)} train / "
           f"{len(val_ex)} validation utterances (speaker-disjoint); targets {meta['targets']}")
     lead = ranks.rank == 0
     with Live(args.live_dir, dvcyaml=None, save_dvc_exp=False) if lead else contextlib.nullcontext() as live:
         if lead:
-            live.log_params({"variant": args.variant, "speech": p.speech, "squeeze": p.squeeze, "unit_alignment": p.unit_alignment, "init": init or "", "seed": p.seed, "targets": meta["targets"], "amp": amp,
+            live.log_params({"variant": args.variant, "speech": p.speech, "squeeze": p.squeeze, "unit_alignment": p.unit_alignment, "speaker": p.speaker, "init": init or "", "seed": p.seed, "targets": meta["targets"], "amp": amp,
                              "device": device, "cpu": hardware.cpu_description()})
-        fp = checkpoint.fingerprint(p, args.variant, [args.manifest, args.whisper, args.text, args.s3])
+        fp = checkpoint.fingerprint(p, args.variant, [args.manifest, args.whisper, args.text, args.s3,
+                                                     *([args.speaker] if args.speaker else [])])
         summary = train.fit(model, train_ex, val_ex, p, args.model_dir, live, args.resume_dir, fp, p.checkpoint_steps,
                             ranks)
         if lead:

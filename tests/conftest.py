@@ -1,5 +1,5 @@
 """Shared fixtures, made once per test session: a tiny espeak corpus, its resampled train split, the
-embedded Whisper, and the split's whisper / text / stand-in target tables."""
+embedded Whisper, and the split's whisper / text / stand-in target / speaker tables."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ TEST_VOICES = ["en-gb-x-rp+m5"]
 
 def make_corpus(out: Path, train: int = 8, test: int = 4, seed: int = 7) -> Path:
     corpus.synthesize(out, "tiny-train", "tiny-test", train, test, TRAIN_VOICES, TEST_VOICES,
-                      chapters_per_speaker=2, pause_prob=0.2, max_pause_ms=500, seed=seed)
+                      chapters_per_speaker=2, pause_prob=0.2, max_pause_ms=500, seed=seed, words_dir=out.parent / "words")
     return out
 
 
@@ -39,7 +39,7 @@ def tiny_whisper():
 @pytest.fixture(scope="session")
 def tiny_tables(tiny_resampled, tmp_path_factory) -> dict[str, Path]:
     """The tables the train stage joins, for the tiny train split (8 stand-in units)."""
-    from taste_pipeline import params, s3, text
+    from taste_pipeline import params, s3, speaker, text
 
     out = tmp_path_factory.mktemp("tables")
     m = tiny_resampled / "manifest.parquet"
@@ -47,5 +47,6 @@ def tiny_tables(tiny_resampled, tmp_path_factory) -> dict[str, Path]:
     text.extract_split(m, out / "t.parquet", whisper.EMBEDDED, "lower")
     s3.prepare_tokenizer(s3.STANDIN, out / "tok", m, 8, 0)
     s3.tokenize_split(m, out / "tok", out / "s.parquet")
+    speaker.embed_split(m, out / "spk.parquet", speaker.RESEMBLYZER)
     return {"manifest_path": m, "whisper_path": out / "w.parquet", "text_path": out / "t.parquet",
-            "s3_path": out / "s.parquet"}
+            "s3_path": out / "s.parquet", "speaker_path": out / "spk.parquet"}

@@ -41,13 +41,14 @@ def test_test_split_is_disjoint_from_train(tiny_corpus):
 @pytest.mark.slow
 def test_two_runs_in_separate_processes_are_byte_identical(tmp_path):
     code = ("import sys; sys.path.insert(0, 'tests'); from conftest import make_corpus; "
-            "from pathlib import Path; make_corpus(Path(sys.argv[1]), train=6, test=2, seed=3)")
+            "from pathlib import Path; make_corpus(Path(sys.argv[1]) / 'LibriSpeech', train=6, test=2, seed=3)")
     for name in ("a", "b"):
         subprocess.run([sys.executable, "-c", code, str(tmp_path / name)], check=True,
                        cwd=__import__("pathlib").Path(__file__).parents[1], capture_output=True)
     files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
     files_b = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
-    assert files_a == files_b and len(files_a) == 8 + 6  # 8 flac; train 2 speakers x 2 chapters, test 1 x 2
+    # 8 flac; transcripts: train 2 speakers x 2 chapters, test 1 x 2; a word timings table per split
+    assert files_a == files_b and len(files_a) == 8 + 6 + 2
     for rel in files_a:
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
 
@@ -85,7 +86,7 @@ def test_every_default_voice_is_reproducible_across_processes():
     voices = syn["train_voices"] + syn["test_voices"]
     code = ("import sys, hashlib; from taste_pipeline import corpus; e = corpus.Espeak(); out = []\n"
             "for v in sys.argv[1:]:\n"
-            "    e.set_voice(v); a = e.synth('<speak>a quiet <break time=\"150ms\"/> garden gate</speak>', 170, 50, 50)\n"
+            "    e.set_voice(v); a = e.synth('<speak>a quiet <break time=\"150ms\"/> garden gate</speak>', 170, 50, 50)[0]\n"
             "    out.append(hashlib.md5(a.tobytes()).hexdigest())\n"
             "print(' '.join(out))")
     runs = [subprocess.run([sys.executable, "-c", code, *voices], check=True, capture_output=True, text=True).stdout
@@ -100,3 +101,35 @@ def test_breath_noise_variants_are_refused(tmp_path):
 
     with pytest.raises(ValueError, match="breath noise"):
         corpus.synthesize(tmp_path, "a", "b", 2, 1, ["en-us+f2"], ["en-us"], 1, 0.1, 300, 0)
+
+
+def test_word_timings_are_where_the_words_are_spoken(tiny_corpus):
+    """espeak-ng's word events: every word of every transcript has a start and an end, and a word spoken
+    after a silent break starts within 20 ms of where its audio rises out of the silence."""
+    import numpy as np
+
+    from taste_pipeline import corpus, tables
+
+    for split in ("tiny-train", "tiny-test"):
+        t = tables.read_words(tiny_corpus.parent / "words" / f"{split}.parquet")
+        lines = _lines(tiny_corpus / split)
+        assert sorted(t.column("utt_id").to_pylist()) == sorted(lines)
+        for utt, words, end in zip(*(t.column(c).to_pylist() for c in ("utt_id", "words", "end"))):
+            assert " ".join(words).upper() == lines[utt][0]
+            assert end[-1] <= sf.info(lines[utt][1].parent / f"{utt}.flac").duration + 1e-6
+    engine = corpus.Espeak()
+    checked = 0
+    for voice, rate in (("en-us", 150), ("en-gb-scotland", 200), ("en+f4", 120)):
+        engine.set_voice(voice)
+        ssml = '<speak>the quiet fisherman <break time="400ms"/> sold two wooden <break time="250ms"/> baskets</speak>'
+        audio, events = engine.synth(ssml, rate, 50, 50)
+        start, end = corpus.word_spans(audio, corpus.word_starts(ssml, events, voice), engine.sample_rate)
+        assert len(start) == 7 and (np.diff(start) >= 0).all() and (end >= start).all()
+        speech = np.abs(audio.astype(np.float64)) / 32768 > 10 ** (-35 / 20)  # well above any echo tail
+        for k in (3, 6):  # the words after a break: where the audio rises out of the break's quiet
+            lo = int((start[k] - 0.15) * engine.sample_rate)
+            assert not speech[lo : int(start[k] * engine.sample_rate) - 200].any()
+            onset = (lo + np.argmax(speech[lo:])) / engine.sample_rate
+            assert abs(onset - start[k]) <= 0.020, (voice, k, onset, start[k])
+            checked += 1
+    assert checked == 6

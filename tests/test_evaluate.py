@@ -12,7 +12,8 @@ def _examples(n=4, seed=0, units=30):
         L, Fr = 5 + i % 2, 40
         mid = torch.randn(Fr, 384, generator=g)
         out.append(data.Example(f"0-0-{i:04d}", "0", "x", np.arange(L), torch.randn(L, 384, generator=g).half(),
-                                mid.half(), mid.half(), torch.randint(0, 16, (units,), generator=g)))
+                                mid.half(), mid.half(), torch.randint(0, 16, (units,), generator=g),
+                                torch.ones(256)))
     return out
 
 

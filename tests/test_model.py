@@ -13,7 +13,7 @@ def _batch(B=3, L=7, F=40, T=30, seed=0, dq=384):
     return {"text_emb": torch.randn(B, L, dq, generator=g), "text_len": torch.tensor([L, L - 2, 3][:B]),
             "mid": torch.randn(B, F, 384, generator=g), "last": torch.randn(B, F, 384, generator=g),
             "frame_len": torch.tensor([F, F - 10, 20][:B]), "units": torch.randint(0, 16, (B, T), generator=g),
-            "unit_len": torch.tensor([T, T - 10, 10][:B])}
+            "unit_len": torch.tensor([T, T - 10, 10][:B]), "speaker": torch.randn(B, 256, generator=g)}
 
 
 # The default run's variants as parts.
@@ -99,7 +99,7 @@ def test_batched_equals_single_items():
     targets = model.targets(batch)
     single = {"text_emb": batch["text_emb"][2:, :3], "text_len": batch["text_len"][2:], "mid": batch["mid"][2:, :20],
               "last": batch["last"][2:, :20], "frame_len": batch["frame_len"][2:], "units": batch["units"][2:, :10],
-              "unit_len": batch["unit_len"][2:]}
+              "unit_len": batch["unit_len"][2:], "speaker": batch["speaker"][2:]}
     l1, _ = model(single)
     t1 = model.targets(single)
     torch.testing.assert_close(l1[0], logits[2, :11], atol=1e-5, rtol=1e-4)
@@ -120,7 +120,7 @@ def _item(batch, i):
     return {"text_emb": batch["text_emb"][i : i + 1, :n], "text_len": batch["text_len"][i : i + 1],
             "mid": batch["mid"][i : i + 1, :f], "last": batch["last"][i : i + 1, :f],
             "frame_len": batch["frame_len"][i : i + 1], "units": batch["units"][i : i + 1, :t],
-            "unit_len": batch["unit_len"][i : i + 1]}
+            "unit_len": batch["unit_len"][i : i + 1], "speaker": batch["speaker"][i : i + 1]}
 
 
 @pytest.mark.parametrize("variant", ["taste", "taste_rvq"])
@@ -247,7 +247,7 @@ def test_pretrained_aggregator_aligns_text_to_speech(tiny_whisper, tiny_tables):
     assert np.mean(corr) > 0.9, corr
 
 
-@pytest.mark.parametrize("variant,kw,end_bias", [("taste", {}, 4.0), ("text_only", {}, 4.0), ("speech_frames", {}, 4.0),
+@pytest.mark.parametrize("variant,kw,end_bias", [("taste", {}, 4.0), ("text_only", {}, 12.0), ("speech_frames", {}, 4.0),
                                                  ("taste", {"unit_alignment": "attention"}, 8.0),
                                                  ("taste", {"unit_alignment": "durations"}, 8.0)])
 def test_cached_generation_agrees_with_the_full_forward_pass(variant, kw, end_bias):

@@ -81,6 +81,13 @@ def test_metrics_and_plots(repo):
             assert prefix + k in m, prefix + k
     assert m["speech_bits_per_s"] == pytest.approx((m["text_only_nll"] - m["nll"]) * 50 / 0.6931471805599453)
     assert m["gap_closed_nll"] == pytest.approx((m["text_only_nll"] - m["nll"]) / (m["text_only_nll"] - m["speech_frames_nll"]))
+    # Every variant decodes in its utterance's voice; the leak control swaps in another utterance's of it.
+    for prefix in ("", "text_only_", "speech_frames_", "taste_rvq_"):
+        assert m[prefix + "speaker_swap_delta_nll"] == pytest.approx(m[prefix + "speaker_swap_nll"] - m[prefix + "nll"])
+    # The aggregator's alignment against the corpus's true word timings, and the even spread's.
+    assert m["align_utterances"] == 3 and m["align_skipped"] == 0
+    for prefix in ("align_", "align_uniform_"):
+        assert 0 <= m[prefix + "frame_acc"] <= 1 and m[prefix + "boundary_ms_median"] >= 0
     assert len(list((repo / "plots/eval/units").glob("*.png"))) == 1
     for png in ("per_position.png", "loss_curves.png"):
         assert (repo / "plots/eval" / png).stat().st_size > 1000
@@ -215,7 +222,7 @@ def test_the_api_and_cli_round_trip_on_an_utterance_the_pipeline_never_saw(repo,
     engine = corpus.Espeak()
     engine.set_voice("en-gb-scotland")  # not among the fixture's voices
     text = "the purple kettle whispered to a sleepy lighthouse"
-    mono = engine.synth(text, 170, 50, 50).astype(np.float32) / 32768
+    mono = engine.synth(text, 170, 50, 50)[0].astype(np.float32) / 32768
     wav = tmp_path / "new.wav"
     sf.write(wav, np.stack([mono, mono * 0.5], axis=1), engine.sample_rate)
     seen = tables.read_manifest(repo / "data/resampled/sample-train/manifest.parquet").column("text").to_pylist()
@@ -223,7 +230,7 @@ def test_the_api_and_cli_round_trip_on_an_utterance_the_pipeline_never_saw(repo,
     tok = TasteTokenizer.load(repo / "models/taste_rvq")
     codes = tok.encode(wav, text)
     assert codes.shape == (len(tok.text_tokens(text)), 2) and codes.min() >= 0 and codes.max() < 16
-    units = tok.decode(codes, text, max_units=300)
+    units = tok.decode(codes, text, max_units=300, speaker=wav)  # in the voice of the speech it encoded
     assert 0 < len(units) <= 300
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
     enc = subprocess.run([sys.executable, "-m", "taste_pipeline.tokenizer", "encode", "--model", "models/taste_rvq",

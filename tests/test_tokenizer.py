@@ -53,7 +53,7 @@ def test_codes_are_per_text_token_and_padding_is_marked(alignment):
     batch = {"text_emb": torch.randn(2, 5, 384, generator=g), "text_len": torch.tensor([5, 2]),
              "mid": torch.randn(2, 30, 384, generator=g), "last": torch.randn(2, 30, 384, generator=g),
              "frame_len": torch.tensor([30, 12]), "units": torch.randint(0, 16, (2, 9), generator=g),
-             "unit_len": torch.tensor([9, 4])}
+             "unit_len": torch.tensor([9, 4]), "speaker": torch.randn(2, 256, generator=g)}
     m.eval()
     codes = m.encode(batch)
     extra = int(alignment == "durations")
@@ -120,8 +120,9 @@ def test_tokenize_split_writes_the_codes_the_api_gives(model, tiny_tables, tmp_p
     tokenizer.tokenize_split(rvq_dir, tiny_tables["manifest_path"], tiny_tables["whisper_path"],
                              tiny_tables["text_path"], again, batch_size=1, rows_per_group=64)
     assert tables.read_codes(again).column("codes").to_pylist() == table.column("codes").to_pylist()
-    # Decoding needs the codes and the transcript only: with durations, where each token lies too.
-    units = tok.decode(codes, row["text"], max_units=30)
+    # Decoding needs the codes, the transcript and the voice only: with durations, where each token lies too.
+    voice = tables.read_speaker(tiny_tables["speaker_path"]).column("emb")[0].as_py()
+    units = tok.decode(codes, row["text"], max_units=30, speaker=voice)
     assert 0 < len(units) <= 30
     if model == "rvq_durations_dir":
         assert meta["duration_bits"] == "8" and codes.shape[1] == 4
@@ -131,7 +132,7 @@ def test_tokenize_split_writes_the_codes_the_api_gives(model, tiny_tables, tmp_p
         wrong = codes.copy()
         wrong[0, -1] = 256
         with pytest.raises(TokenizerError, match="duration"):
-            tok.decode(wrong, row["text"])
+            tok.decode(wrong, row["text"], speaker=voice)
 
 
 def test_codes_table_is_checked():
@@ -165,12 +166,20 @@ def test_decode_rebuilds_units_from_codes_and_stops_at_the_model_limit(rvq_dir, 
     tok = TasteTokenizer.load(rvq_dir)
     row = tables.read_manifest(tiny_tables["manifest_path"]).to_pylist()[1]
     codes = tok.encode(tiny_tables["manifest_path"].parent / row["audio_path"], row["text"])
-    units = tok.decode(codes, row["text"], max_units=40)
+    with pytest.raises(TokenizerError, match="decodes in a voice"):
+        tok.decode(codes, row["text"])
+    # The voice from a recording is the speaker stage's embedding of it.
+    wav = tiny_tables["manifest_path"].parent / row["audio_path"]
+    table = tables.read_speaker(tiny_tables["speaker_path"])
+    assert table.column("utt_id")[1].as_py() == row["utt_id"]
+    np.testing.assert_allclose(tok.speaker_embedding(wav), table.column("emb")[1].as_py(), atol=1e-5)
+    units = tok.decode(codes, row["text"], max_units=40, speaker=wav)
     assert 0 < len(units) <= 40 and all(0 <= u < tok.model.cfg.vocab_size for u in units)
-    assert tok.decode(codes, row["text"], max_units=40) == units  # sampled with a seeded generator: repeatable
+    assert tok.decode(codes, row["text"], max_units=40, speaker=wav) == units  # seeded sampling: repeatable
     # From the codes alone the decoder does what it does with the speech the codes were made from.
-    greedy = tok.decode(codes, row["text"], max_units=40, top_k=None)
-    split = data.Split(tiny_tables["manifest_path"], tiny_tables["whisper_path"], tiny_tables["text_path"])
+    greedy = tok.decode(codes, row["text"], max_units=40, top_k=None, speaker=table.column("emb")[1].as_py())
+    split = data.Split(tiny_tables["manifest_path"], tiny_tables["whisper_path"], tiny_tables["text_path"],
+                       speaker_path=tiny_tables["speaker_path"])
     with_speech = data.collate([split.examples([1])[1]])
     assert greedy == tok.model.generate(with_speech, max_units=40)[0].tolist()
 
@@ -221,10 +230,14 @@ def test_cli_round_trip(rvq_dir, tiny_tables, tmp_path, capsys):
     assert tokenizer.main(["encode", "--model", str(rvq_dir), wav, row["text"]]) == 0
     enc = json.loads(capsys.readouterr().out)
     assert np.asarray(enc["codes"]).shape == (len(enc["text_tokens"]), 3) and enc["bits_per_token"] == 12
+    assert len(enc["speaker"]) == 256  # the voice of the encoded speech, which decode then uses
     (tmp_path / "codes.json").write_text(json.dumps(enc))
-    for codes in (str(tmp_path / "codes.json"), json.dumps(enc["codes"])):
-        assert tokenizer.main(["decode", "--model", str(rvq_dir), "--codes", codes, "--max-units", "30", row["text"]]) == 0
+    for codes, voice in ((str(tmp_path / "codes.json"), []), (json.dumps(enc["codes"]), ["--speaker", wav])):
+        assert tokenizer.main(["decode", "--model", str(rvq_dir), "--codes", codes, "--max-units", "30", *voice,
+                               row["text"]]) == 0
         dec = json.loads(capsys.readouterr().out)
         assert 0 < dec["num_units"] == len(dec["units"]) <= 30
+    assert tokenizer.main(["decode", "--model", str(rvq_dir), "--codes", json.dumps(enc["codes"]), row["text"]]) == 2
+    assert "decodes in a voice" in capsys.readouterr().err
     assert tokenizer.main(["decode", "--model", str(rvq_dir), "--codes", "[[1, 2]]", row["text"]]) == 2
     assert "is needed" in capsys.readouterr().err

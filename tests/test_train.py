@@ -19,7 +19,8 @@ def _examples(n=24, speakers=4, seed=0):
         mid = torch.randn(Fr, 384, generator=g)
         units = (mid[0, :8].argmax() + torch.arange(Fr)) % 8
         out.append(data.Example(f"{i % speakers}-0-{i:04d}", str(i % speakers), "x", np.arange(L),
-                                 torch.randn(L, 384, generator=g).half(), mid.half(), mid.half(), units))
+                                 torch.randn(L, 384, generator=g).half(), mid.half(), mid.half(), units,
+                                 speaker=torch.randn(256, generator=torch.Generator().manual_seed(i % speakers))))
     return out
 
 
@@ -165,7 +166,7 @@ def test_codebooks_start_from_a_sample_of_the_whole_split_not_its_shortest_utter
     g = torch.Generator().manual_seed(0)
     ex = [data.Example(f"0-0-{i:04d}", "0", "x", np.arange(n), torch.full((n, 384), float(n)).half(),
                        torch.randn(8, 384, generator=g).half(), torch.randn(8, 384, generator=g).half(),
-                       torch.zeros(8, dtype=torch.long)) for i, n in enumerate(range(1, 101))]
+                       torch.zeros(8, dtype=torch.long), torch.ones(256)) for i, n in enumerate(range(1, 101))]
     torch.manual_seed(0)
     model = TasteModel(ModelConfig(speech="tokens", squeeze="rvq", vocab_size=8, d_model=32, n_heads=2, n_layers=1, d_ff=64,
                                    agg_layers=1, agg_heads=2, agg_ffn=64, rvq_codebook_size=32))

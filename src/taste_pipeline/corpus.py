@@ -7,6 +7,11 @@ the next call, so utterances are always synthesized in one fixed order.
 
 Speech carries timing that text does not: every utterance gets its own speaking rate and pitch, and
 silent breaks at random word boundaries that the transcript does not show.
+
+espeak-ng also says where each word begins as it speaks (its word events carry the sample they start
+at), so the corpus knows its true word timings: ``<words_dir>/<split>.parquet`` (tables.WORDS), the
+reference the evaluate stage scores the aggregator's alignment against. espeak speaks some runs of
+words as one ("in the", "for a"): they have one event between them, and share its span.
 """
 
 from __future__ import annotations
@@ -144,7 +149,22 @@ _AUDIO_OUTPUT_SYNCHRONOUS = 2
 _CHARS_UTF8 = 1
 _SSML = 0x10
 _RATE, _PITCH, _RANGE = 1, 3, 4
-_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+
+
+class _Event(ctypes.Structure):
+    """espeak_EVENT (speak_lib.h); ``sample`` is where the event falls in this call's audio."""
+
+    _fields_ = [("type", ctypes.c_int), ("unique_identifier", ctypes.c_uint), ("text_position", ctypes.c_int),
+                ("length", ctypes.c_int), ("audio_position", ctypes.c_int), ("sample", ctypes.c_int),
+                ("user_data", ctypes.c_void_p), ("id", ctypes.c_char * 8)]
+
+
+_EVENT_LIST_TERMINATED, _EVENT_WORD = 0, 1
+_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.POINTER(_Event))
+# A word ends where its audio last rises above this level before the next word begins (espeak's breaks
+# and the utterance's tail are digital silence; between words without a break the next start is the end).
+WORD_END_DBFS = -60.0
+_LEVEL_HOP_S = 0.005
 
 
 class Espeak:
@@ -159,10 +179,16 @@ class Espeak:
         if self.sample_rate <= 0:
             raise RuntimeError("espeak-ng failed to initialise")
         self._chunks: list[np.ndarray] = []
+        self._word_events: list[tuple[int, int]] = []
 
-        def collect(wav, n, _events):
+        def collect(wav, n, events):
             if wav and n > 0:
                 self._chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
+            i = 0
+            while events and events[i].type != _EVENT_LIST_TERMINATED:
+                if events[i].type == _EVENT_WORD:
+                    self._word_events.append((events[i].text_position, events[i].sample))
+                i += 1
             return 0
 
         self._callback = _CALLBACK(collect)  # keep a reference: the library holds a raw pointer
@@ -189,16 +215,18 @@ class Espeak:
                     raise ValueError(f"synthesize: voice {name!r} adds espeak's breath noise, which is not "
                                      "reproducible across processes; pick a variant without it")
 
-    def synth(self, ssml: str, rate: int, pitch: int, pitch_range: int) -> np.ndarray:
+    def synth(self, ssml: str, rate: int, pitch: int, pitch_range: int) -> tuple[np.ndarray, np.ndarray]:
+        """(int16 samples, (words spoken, 2): each spoken word's character position in ``ssml``, 1-based,
+        and the sample it starts at)."""
         for param, value in ((_RATE, rate), (_PITCH, pitch), (_RANGE, pitch_range)):
             self._lib.espeak_SetParameter(param, int(value), 0)
-        self._chunks = []
+        self._chunks, self._word_events = [], []
         text = ssml.encode("utf-8")
         err = self._lib.espeak_Synth(text, len(text) + 1, 0, 0, 0, _CHARS_UTF8 | _SSML, None, None)
         self._lib.espeak_Synchronize()
         if err != 0 or not self._chunks:
             raise RuntimeError(f"espeak-ng could not synthesize {ssml!r} (error {err})")
-        return np.concatenate(self._chunks)
+        return np.concatenate(self._chunks), np.asarray(self._word_events, dtype=np.int64).reshape(-1, 2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,13 +282,61 @@ def plan(texts: list[str], spk: list[Speaker], chapters_per_speaker: int, rng: r
     return out
 
 
-def write_split(engine: Espeak, utts: list[Utterance], split_dir: Path, desc: str) -> None:
-    """Synthesize and write ``<spk>/<chapter>/<utt>.flac`` plus one ``<spk>-<chapter>.trans.txt`` each."""
+def word_starts(ssml: str, events: np.ndarray, where: str) -> np.ndarray:
+    """The sample each word of ``ssml`` (its text outside tags) starts at, from ``Espeak.synth``'s word
+    events. espeak speaks some runs of words as one ("in the", "for a"), with one event whose character
+    position may fall inside the run's first word: a word belongs to the last event at or before its
+    first character, and words of one event share its start."""
+    import re
+
+    text = re.sub(r"<[^>]*>", lambda m: " " * len(m.group()), ssml)  # tags blanked: positions kept
+    chars = [m.start() for m in re.finditer(r"\S+", text)]
+    position, sample = events[:, 0] - 1, events[:, 1]
+    if (np.diff(sample) < 0).any() or (np.diff(position) < 0).any():
+        raise RuntimeError(f"synthesize: {where}: espeak-ng's word events of {ssml!r} are out of order")
+    starts, prev = [], -1
+    for c in chars:
+        k = int(np.searchsorted(position, c, side="right")) - 1
+        if k < 0:
+            raise RuntimeError(f"synthesize: {where}: espeak-ng reported no word event before character {c} of {ssml!r}")
+        # Events that no word starts after (an empty run) belong to the next word: its earliest start.
+        starts.append(int(sample[prev + 1 : k + 1].min()) if k > prev else int(sample[k]))
+        prev = max(prev, k)
+    return np.asarray(starts, dtype=np.int64)
+
+
+def word_spans(audio: np.ndarray, starts: np.ndarray, rate: int) -> tuple[np.ndarray, np.ndarray]:
+    """(start, end) in seconds of each word: from its start to where its audio last rises above
+    WORD_END_DBFS before the next word's start (or the utterance's end). Words that share a start
+    (espeak spoke them as one) share the span."""
+    hop = max(1, int(rate * _LEVEL_HOP_S))
+    n = len(audio) // hop
+    level = 10 * np.log10((audio[: n * hop].astype(np.float64).reshape(n, hop) / 32768.0) ** 2 + 1e-12).max(1)
+    loud = level > WORD_END_DBFS
+    ends = []
+    for s in starts.tolist():
+        nxt = next((t for t in starts.tolist() if t > s), len(audio))
+        hops = np.nonzero(loud[s // hop : max(s // hop + 1, nxt // hop)])[0]
+        ends.append(min(nxt, (s // hop + hops[-1] + 1) * hop) if len(hops) else s)
+    return starts / rate, np.asarray(ends, dtype=np.float64) / rate
+
+
+def write_split(engine: Espeak, utts: list[Utterance], split_dir: Path, desc: str,
+                words_path: Path | None = None) -> None:
+    """Synthesize and write ``<spk>/<chapter>/<utt>.flac`` plus one ``<spk>-<chapter>.trans.txt`` each,
+    and with ``words_path`` the true word timings (tables.WORDS)."""
+    from . import tables
+
     transcripts: dict[Path, list[str]] = {}
+    timings: dict[str, list] = {"utt_id": [], "words": [], "start": [], "end": []}
     # Speaker by speaker, so the voice changes as rarely as possible; the order is fixed either way.
     for u in tqdm(sorted(utts, key=lambda u: u.utt_id), desc=desc, unit="utt"):
         engine.set_voice(u.speaker.voice)
-        audio = engine.synth(u.ssml, u.rate, u.pitch, u.pitch_range)
+        audio, events = engine.synth(u.ssml, u.rate, u.pitch, u.pitch_range)
+        words = u.text.split()
+        start, end = word_spans(audio, word_starts(u.ssml, events, u.utt_id), engine.sample_rate)
+        for key, value in (("utt_id", u.utt_id), ("words", words), ("start", start.tolist()), ("end", end.tolist())):
+            timings[key].append(value)
         chapter_dir = split_dir / u.speaker.speaker_id / u.chapter_id
         chapter_dir.mkdir(parents=True, exist_ok=True)
         with atomic_path(chapter_dir / f"{u.utt_id}.flac") as tmp:
@@ -270,12 +346,17 @@ def write_split(engine: Espeak, utts: list[Utterance], split_dir: Path, desc: st
     for path, lines in transcripts.items():
         with atomic_path(path) as tmp:
             tmp.write_text("\n".join(lines) + "\n")
+    if words_path is not None:
+        words_path.parent.mkdir(parents=True, exist_ok=True)
+        tables.write_table(words_path, timings, tables.WORDS)
 
 
 def synthesize(out_dir: str | Path, train_split: str, test_split: str, train_utterances: int,
                test_utterances: int, train_voices: list[str], test_voices: list[str],
-               chapters_per_speaker: int, pause_prob: float, max_pause_ms: int, seed: int) -> None:
-    """Write the embedded corpus: ``out_dir/<train_split>`` and ``out_dir/<test_split>``."""
+               chapters_per_speaker: int, pause_prob: float, max_pause_ms: int, seed: int,
+               words_dir: str | Path | None = None) -> None:
+    """Write the embedded corpus: ``out_dir/<train_split>`` and ``out_dir/<test_split>``, and with
+    ``words_dir`` each split's true word timings, ``words_dir/<split>.parquet``."""
     for voice in [*train_voices, *test_voices]:
         Espeak.check_reproducible(voice)
     if set(train_voices) & set(test_voices):
@@ -289,5 +370,6 @@ def synthesize(out_dir: str | Path, train_split: str, test_split: str, train_utt
     train = plan(train_texts, train_spk, chapters_per_speaker, rng, pause_prob, max_pause_ms)
     test = plan(test_texts, test_spk, chapters_per_speaker, rng, pause_prob, max_pause_ms)
     engine = Espeak()
-    write_split(engine, train, Path(out_dir) / train_split, train_split)
-    write_split(engine, test, Path(out_dir) / test_split, test_split)
+    words = (lambda split: Path(words_dir) / f"{split}.parquet") if words_dir is not None else (lambda split: None)
+    write_split(engine, train, Path(out_dir) / train_split, train_split, words(train_split))
+    write_split(engine, test, Path(out_dir) / test_split, test_split, words(test_split))

@@ -25,20 +25,23 @@ class Example:
     mid: torch.Tensor  # (F, da) float16
     last: torch.Tensor  # (F, da) float16
     units: torch.Tensor  # (T,) int64
+    speaker: torch.Tensor | None = None  # (D,) float32: the speaker embedding (the speaker stage), if read
 
 
 class Split:
-    """The four tables of one split joined on utt_id, read lazily.
+    """The tables of one split (manifest, whisper, text, s3 targets and speaker embeddings) joined on
+    utt_id, read lazily.
 
-    In memory per utterance: ids, speaker, text, token ids, target units and lengths (small integer
-    columns). The big columns (text embeddings, Whisper mid/last states) stay in their Parquet files and
+    In memory per utterance: ids, speaker, text, token ids, target units, lengths (small integer
+    columns) and the speaker embedding (a few hundred floats). The big columns (text embeddings, Whisper mid/last states) stay in their Parquet files and
     are read a row group at a time when a batch needs them, so memory is bounded by what ``Loader``
     holds, not by the split (LibriSpeech train-clean-100 with whisper-large-v3: ~93 GB of states).
     Every row group is validated as it is read.
     """
 
-    def __init__(self, manifest_path, whisper_path, text_path, s3_path=None):
-        """Without ``s3_path`` (tokenizing) every utterance has no target units."""
+    def __init__(self, manifest_path, whisper_path, text_path, s3_path=None, speaker_path=None):
+        """Without ``s3_path`` (tokenizing) every utterance has no target units; without ``speaker_path``
+        no speaker embedding (a model that reads one refuses such a batch)."""
         manifest = tables.read_manifest(manifest_path)
         s = tables.read_s3(s3_path) if s3_path is not None else None
         self.meta = {k.decode(): v.decode() for k, v in (s.schema.metadata or {}).items()} if s is not None else {}
@@ -46,6 +49,7 @@ class Split:
         self.speaker_ids = manifest.column("speaker_id").to_pylist()
         self.texts = manifest.column("text").to_pylist()
         self.paths = {"whisper": str(whisper_path), "text": str(text_path)}
+        self.speaker_meta: dict[str, str] = {}
         self.reopen()
         self.validators = {"whisper": tables.validate_whisper, "text": tables.validate_text}
         t = self.files["text"].read(columns=["utt_id", "token_ids"])
@@ -59,6 +63,14 @@ class Split:
         else:
             self._units = [np.zeros(0, np.int32)] * len(self.utt_ids)
         self._token_ids = self._slices(t.column("token_ids"), t_pos)
+        self.speaker_width, self._speakers = 0, None
+        if speaker_path is not None:
+            sp = tables.read_speaker(speaker_path)
+            emb = sp.column("emb").combine_chunks()
+            self.speaker_width = emb.type.list_size
+            self.speaker_meta = {k.decode(): v.decode() for k, v in (sp.schema.metadata or {}).items()}
+            mat = emb.flatten().to_numpy(zero_copy_only=False).reshape(-1, self.speaker_width)
+            self._speakers = mat[self._positions("speaker", sp.column("utt_id").to_pylist(), manifest_path)]
 
     def reopen(self) -> None:
         """Open the big tables' files (again): a DataLoader worker reads through handles of its own."""
@@ -103,13 +115,13 @@ class Split:
 
     @property
     def feature_meta(self) -> dict[str, str]:
-        """What made the features (the whisper and text tables' metadata: models, layers, case), which a
-        checkpoint keeps so the tokenizer can make the same features from new audio."""
+        """What made the features (the whisper, text and speaker tables' metadata: models, layers, case,
+        speaker encoder), which a checkpoint keeps so the tokenizer can make the same features from new audio."""
         out = {}
         for name in ("whisper", "text"):
             meta = self.files[name].schema_arrow.metadata or {}
             out.update({k.decode(): v.decode() for k, v in meta.items() if k.decode().startswith(f"{name}.")})
-        return out
+        return {**out, **self.speaker_meta}
 
     @property
     def widths(self) -> tuple[int, int]:
@@ -125,6 +137,9 @@ class Split:
 
     def units(self, i: int) -> np.ndarray:
         return self._units[i]
+
+    def token_ids(self, i: int) -> np.ndarray:
+        return self._token_ids[i]
 
     def row_group(self, i: int) -> int:
         return self.where["whisper"][i][0]
@@ -148,7 +163,8 @@ class Split:
                 text_emb=torch.from_numpy(tables.row_matrix(t, "emb", tr).copy()),
                 mid=torch.from_numpy(tables.row_matrix(w, "mid", wr).copy()),
                 last=torch.from_numpy(tables.row_matrix(w, "last", wr).copy()),
-                units=torch.from_numpy(self._units[i].astype(np.int64)))
+                units=torch.from_numpy(self._units[i].astype(np.int64)),
+                speaker=None if self._speakers is None else torch.from_numpy(self._speakers[i].copy()))
         return out
 
 
@@ -159,6 +175,7 @@ class InMemory:
         self.items, self.meta = examples, meta or {}
         self.utt_ids = [e.utt_id for e in examples]
         self.speaker_ids = [e.speaker_id for e in examples]
+        self.speaker_width = len(examples[0].speaker) if examples and examples[0].speaker is not None else 0
 
     def __len__(self) -> int:
         return len(self.items)
@@ -175,6 +192,9 @@ class InMemory:
 
     def units(self, i: int) -> np.ndarray:
         return self.items[i].units.numpy()
+
+    def token_ids(self, i: int) -> np.ndarray:
+        return np.asarray(self.items[i].token_ids)
 
     def row_group(self, i: int) -> int:
         return 0
@@ -208,9 +228,9 @@ def max_units_per_token(data) -> float:
     return max(data.source.num_units(i) / max(1, data.source.num_text_tokens(i)) for i in data.indices)
 
 
-def load_split(manifest_path, whisper_path, text_path, s3_path) -> tuple[Split, dict]:
-    """Join the four tables of a split on utt_id (lazily); an utterance missing from any of them is an error."""
-    split = Split(manifest_path, whisper_path, text_path, s3_path)
+def load_split(manifest_path, whisper_path, text_path, s3_path, speaker_path=None) -> tuple[Split, dict]:
+    """Join the tables of a split on utt_id (lazily); an utterance missing from any of them is an error."""
+    split = Split(manifest_path, whisper_path, text_path, s3_path, speaker_path)
     return split, split.meta
 
 
@@ -226,9 +246,21 @@ def speaker_split(data, val_speakers: int, seed: int) -> tuple[Subset, Subset]:
             Subset(data.source, [i for i in data.indices if spk[i] in held]))
 
 
-def collate(examples: list[Example], speech_from: list[Example] | None = None) -> dict:
-    """Pad a batch. ``speech_from``: take each item's Whisper states from another utterance (control)."""
+def same_speaker_other_utterance(speaker_ids: list[str]) -> dict[int, int]:
+    """Index -> the next utterance (cyclically, in split order) of the same speaker: the speaker-embedding
+    leak control. A speaker with one utterance keeps its own."""
+    by: dict[str, list[int]] = {}
+    for i, s in enumerate(speaker_ids):
+        by.setdefault(s, []).append(i)
+    return {i: idx[(k + 1) % len(idx)] for idx in by.values() for k, i in enumerate(idx)}
+
+
+def collate(examples: list[Example], speech_from: list[Example] | None = None,
+            speaker_from: list[Example] | None = None) -> dict:
+    """Pad a batch. ``speech_from``: take each item's Whisper states from another utterance (control);
+    ``speaker_from``: its speaker embedding likewise. ``speaker`` (B, D) is there when the items have one."""
     speech = speech_from or examples
+    voices = speaker_from or examples
     B = len(examples)
     L = max(len(e.text_emb) for e in examples)
     Fr = max(len(e.mid) for e in speech)
@@ -244,6 +276,11 @@ def collate(examples: list[Example], speech_from: list[Example] | None = None) -
     batch["text_len"] = torch.tensor([len(e.text_emb) for e in examples])
     batch["frame_len"] = torch.tensor([len(s.mid) for s in speech])
     batch["unit_len"] = torch.tensor([len(e.units) for e in examples])
+    has = [v.speaker is not None for v in voices]
+    if all(has):
+        batch["speaker"] = torch.stack([v.speaker.float() for v in voices])
+    elif any(has):
+        raise ValueError("a batch mixes utterances with and without a speaker embedding")
     return batch
 
 

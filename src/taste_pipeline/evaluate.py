@@ -1,5 +1,5 @@
 """Stage evaluate: on the test split, teacher-forced scores of every variant (taste, text_only, the
-topline, taste_rvq, ...) and the shuffled-speech control, free-running scores (units generated from
+topline, taste_rvq, ...), the shuffled-speech control and the speaker-embedding leak control, free-running scores (units generated from
 text + speech or codes), the bitrate and codebook health of the quantized variants, the trivial
 baselines, and the plots (PNG plus DVC plot data)."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint, data, metrics, tables, train
+from . import alignment, checkpoint, data, metrics, tables, train
 from .tables import atomic_path
 
 
@@ -60,6 +60,37 @@ def encode_all(model, test, batch_size: int, device: str = "cpu", buffer_rows: i
     return np.concatenate(codes)
 
 
+@torch.no_grad()
+def alignment_scores(model, test, words_path: str, tokenizer, batch_size: int, device: str = "cpu",
+                     buffer_rows: int = 0) -> dict:
+    """The aggregator's alignment (the frame -> text token its value layer puts there) against the true word
+    timings of ``words_path`` (the synthesize stage's), over the test utterances that table has, and the
+    same scores for tokens spread evenly (``alignment``). An utterance whose tokens do not make up its
+    table's words is counted in ``align_skipped``."""
+    t = tables.read_words(words_path)
+    timing = {u: (w, np.asarray(s), np.asarray(e))
+              for u, w, s, e in zip(*(t.column(c).to_pylist() for c in ("utt_id", "words", "start", "end")))}
+    subset = data.Subset(test, [i for i, u in enumerate(test.utt_ids) if u in timing])
+    out = {"align_utterances": len(subset.indices)}
+    if not subset.indices:
+        return out
+    model.eval()
+    attended, uniform, skipped = [], [], 0
+    for group, batch in data.fixed_batches(subset, batch_size, buffer_rows, device):
+        weights = model.speech.frame_attention(batch).float()
+        for j, i in enumerate(group):
+            words, starts, ends = timing[test.utt_ids[i]]
+            tok_word = alignment.token_words([tokenizer.decode([int(k)]) for k in test.token_ids(i)])
+            if tok_word[-1] + 1 != len(words):
+                skipped += 1
+                continue
+            L, F = int(batch["text_len"][j]), int(batch["frame_len"][j])
+            attended.append(alignment.score(weights[j, :L, :F].argmax(0).cpu().numpy(), tok_word, starts, ends))
+            uniform.append(alignment.score(alignment.uniform_tokens(L, F), tok_word, starts, ends))
+    return {**out, "align_skipped": skipped, **alignment.summarize(attended, "align_"),
+            **alignment.summarize(uniform, "align_uniform_")}
+
+
 def quantizer_metrics(model, test, batch_size: int, device: str, buffer_rows: int, tokens_per_s: float,
                       train_codes: str | None = None) -> dict:
     """Bitrate and codebook health of a quantized variant: bits per token and per second of test audio,
@@ -86,10 +117,11 @@ def quantizer_metrics(model, test, batch_size: int, device: str, buffer_rows: in
 def run(test_files: dict, train_s3: str, model_dirs: dict[str, str], text_model: str, seed: int,
         batch_size: int, attention_utterances: int, metrics_path: str, plots_dir: str, device: str = "cpu",
         buffer_rows: int = 0, train_codes: dict[str, str] | None = None, free_utterances: int = 64,
-        free_top_k: int | None = 25) -> dict:
+        free_top_k: int | None = 25, words_path: str | None = None) -> dict:
     """``train_codes``: variant -> its tokenize table of the train split (dead codes). Free-running
     scores are over ``free_utterances`` test utterances spread over the split, sampled with
-    ``free_top_k`` (greedy decoding of 50 Hz units loops on a repeated unit and never ends)."""
+    ``free_top_k`` (greedy decoding of 50 Hz units loops on a repeated unit and never ends). With
+    ``words_path`` (true word timings) the headline's alignment is scored (``alignment_scores``)."""
     from . import hardware
     from . import text as text_mod
 
@@ -116,6 +148,12 @@ def run(test_files: dict, train_s3: str, model_dirs: dict[str, str], text_model:
     perm = metrics.derangement(len(test), seed)
     preds["shuffled_speech"] = train.predict(models[headline][0], test, batch_size, device,
                                              speech_from=dict(enumerate(perm)), buffer_rows=buffer_rows)
+    # The leak control: each utterance decoded with the embedding of another utterance of its speaker. An
+    # embedding that says who speaks scores the same; one that says what or when was said scores worse.
+    other = data.same_speaker_other_utterance(test.speaker_ids)
+    swap_nll = {name: train.summarize(train.predict(m, test, batch_size, device, buffer_rows=buffer_rows,
+                                                    speaker_from=other))["nll"]
+                for name, (m, _) in models.items() if m.cfg.speaker != "none"}
     train_targets = tables.read_s3(train_s3).column("tokens").to_pylist()
     units = [test.units(i) for i in range(len(test))]
     preds.update(metrics.baseline_preds(units, [np.asarray(t) for t in train_targets]))
@@ -133,6 +171,8 @@ def run(test_files: dict, train_s3: str, model_dirs: dict[str, str], text_model:
                                                   (train_codes or {}).get(name)))
     for name in [n for n in models if n not in (baseline, topline)] + ["shuffled_speech"]:
         scores[name].update(metrics.gap_metrics(scores[name], scores[baseline], scores[topline] if topline else None))
+    for name, nll in swap_nll.items():
+        scores[name].update({"speaker_swap_nll": nll, "speaker_swap_delta_nll": nll - scores[name]["nll"]})
     # The headline is unprefixed; every other variant and the controls get their name as prefix.
     result = {f"{k}": v for k, v in scores[headline].items()}
     for name in [n for n in models if n != headline] + ["shuffled_speech"]:
@@ -144,6 +184,10 @@ def run(test_files: dict, train_s3: str, model_dirs: dict[str, str], text_model:
                    "text_tokens_per_s": tokens_per_s, "free_utterances": len(free.indices),
                    "fusion_weight_speech": float(models[headline][0].speech.fusion_logits.detach().softmax(0)[1]),
                    "best_epoch": {n: info["best"]["epoch"] for n, (_, info) in models.items()}})
+    tokenizer, _ = text_mod.load(text_model)
+    if words_path:
+        result.update(alignment_scores(models[headline][0], test, words_path, tokenizer, batch_size, device,
+                                       buffer_rows))
     _write_json(Path(metrics_path), result)
 
     curves = {name: metrics.per_position(preds[name]) for name in [*models, "shuffled_speech", "copy_prev"]}
@@ -154,7 +198,6 @@ def run(test_files: dict, train_s3: str, model_dirs: dict[str, str], text_model:
     _write_json(plots / "loss_curves.json", [dict(r, variant=n) for n, rows in histories.items() for r in rows])
     metrics.plot_losses(histories, plots / "loss_curves.png")
 
-    tokenizer, _ = text_mod.load(text_model)
     att_dir = plots / "attention"
     att_dir.mkdir(exist_ok=True)
     shown = test.examples(range(min(attention_utterances, len(test))))

@@ -13,6 +13,8 @@ A variant is a choice of parts (``train`` params, per variant in ``train.variant
   finds its place in the text itself), ``attention`` (unit input r also gets the fused vector of the
   token that the aggregator's attention puts at frame r) or ``durations`` (the same, coded per token as
   its duration in frames, which the rvq squeeze sends as one more code).
+- ``speaker``, what the decoder is told of the voice: ``embedding`` (TASTE, CosyVoice's LM: the
+  utterance's speaker embedding as the decoder's first input, before the text) or ``none``.
 
 Aggregator: Whisper-decoder-shaped layers whose cross-attention takes its queries from text tokens,
 its keys from the last Whisper encoder layer and its values from a middle layer, with key-padding
@@ -22,7 +24,7 @@ the values come from another layer than the one it was trained on.
 
 Fusion: TASTE's weighted sum of a text branch and a speech branch with two softmax-normalised weights.
 
-Decoder: a causal transformer over [fused text-length prefix, TASK, u_1 .. u_T] that predicts
+Decoder: a causal transformer over [speaker, fused text-length prefix, TASK, u_1 .. u_T] that predicts
 u_1 .. u_T, END (the shape of CosyVoice's text-to-token LM), with a key/value cache for generation.
 Loss only on the unit positions. Adding a part is one class and one registry entry (and its name in
 ``train_params``' choices; a test keeps the two equal).
@@ -61,6 +63,7 @@ class ModelConfig(ModelArgs):
     agg_ffn: int = 1536
     max_text: int = 448  # aggregator positions, Whisper's prefix included
     agg_prefix: int = 2  # tokens before the text: 2 for English-only Whisper (and fresh), 4 for multilingual
+    d_speaker: int = 256  # speaker embedding width (the speaker table's: Resemblyzer 256, CAM++ 192)
     # The most units per text token of any training utterance: free-running generation stops an item at
     # GENERATE_SLACK times that many units per token of its text (what a user has; never the reference
     # length). 0: not known, the cap is max_len.
@@ -560,6 +563,39 @@ SPEECH = {"none": NoSpeech, "tokens": TokenSpeech, "frames": FrameSpeech}
 
 
 # ---------------------------------------------------------------------------------------------------
+# Speaker: what the decoder is told of the voice
+
+
+class NoSpeaker(nn.Module):
+    """The decoder is not told who speaks."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+
+    def forward(self, prefix, text_len, batch):
+        return prefix, text_len
+
+
+class SpeakerEmbedding(nn.Module):
+    """CosyVoice's LM (and TASTE's decoder): the utterance's speaker embedding, L2-normalised and
+    projected, is the first prefix vector, before the text."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.proj = nn.Linear(cfg.d_speaker, cfg.d_model)
+
+    def forward(self, prefix, text_len, batch):
+        if batch.get("speaker") is None:
+            raise ValueError("train.speaker: embedding, but the batch has no speaker embeddings (the speaker "
+                             "stage's table)")
+        v = self.proj(F.normalize(batch["speaker"].float(), dim=-1))
+        return torch.cat([v[:, None].to(prefix.dtype), prefix], dim=1), text_len + 1
+
+
+SPEAKERS = {"none": NoSpeaker, "embedding": SpeakerEmbedding}
+
+
+# ---------------------------------------------------------------------------------------------------
 # The unit decoder
 
 
@@ -689,6 +725,7 @@ class TasteModel(nn.Module):
         self.text_branch = nn.Linear(cfg.d_query, cfg.d_model)
         self.speech = SPEECH[cfg.speech](cfg)
         self.decoder = UnitDecoder(cfg)
+        self.speaker = SPEAKERS[cfg.speaker](cfg)
 
     def prefix(self, batch: dict):
         """Fused text-length prefix (B, L, d_model) and the speech part's auxiliary losses."""
@@ -718,7 +755,8 @@ class TasteModel(nn.Module):
         prefix, aux = self.prefix(batch)
         T = batch["units"].shape[1]
         inputs = self.speech.unit_inputs(prefix, batch, T + 1)
-        logits = self.decoder(prefix, batch["text_len"], batch["units"], batch["unit_len"], inputs)
+        prefix, prefix_len = self.speaker(prefix, batch["text_len"], batch)
+        logits = self.decoder(prefix, prefix_len, batch["units"], batch["unit_len"], inputs)
         ce = F.cross_entropy(logits.float().transpose(1, 2), self.targets(batch), ignore_index=-100)
         return logits, {"ce": ce, **aux, "loss": ce + sum(aux.values()) if aux else ce}
 
@@ -734,7 +772,8 @@ class TasteModel(nn.Module):
                  else torch.full_like(text_len, min(max_units, self.cfg.max_len - 1)))
         prefix, _ = self.prefix(batch)
         inputs = self.speech.unit_inputs(prefix, batch, int(limit.max()) + 1)
-        return self.decoder.generate(prefix, text_len, limit, inputs, top_k, temperature, generator)
+        prefix, prefix_len = self.speaker(prefix, text_len, batch)
+        return self.decoder.generate(prefix, prefix_len, limit, inputs, top_k, temperature, generator)
 
     def encode(self, batch: dict) -> torch.Tensor:
         """The codes of each text token (a squeezed model): see ``TokenSpeech.encode``."""

@@ -150,10 +150,23 @@ class S3:
             raise ParamError(f"s3.rows_per_group: must be at least 1, got {self.rows_per_group}")
 
 
+@dataclass(frozen=True)
+class Speaker:
+    # pypi:resemblyzer (offline default: GE2E d-vectors, 256-d, the weights ship in the PyPI package),
+    # modelscope:iic/CosyVoice-300M (CAM++ campplus.onnx, 192-d: the embedding TASTE's decoder reads),
+    # or a local path to campplus.onnx.
+    source: str = "pypi:resemblyzer"
+    rows_per_group: int = 256
+
+    def check(self):
+        if self.rows_per_group < 1:
+            raise ParamError(f"speaker.rows_per_group: must be at least 1, got {self.rows_per_group}")
+
+
 # The sections of the stages before training. train, tokenize and evaluate are in ``train_params``, so
 # that a change to a model hyperparameter re-runs no extraction stage.
 SECTIONS = {"base": Base, "data": Data, "synthesize": Synthesize, "resample": Resample,
-            "whisper": Whisper, "text": Text, "s3": S3}
+            "whisper": Whisper, "text": Text, "s3": S3, "speaker": Speaker}
 
 
 def coerce(section: str, cls, raw: dict[str, Any], check: bool = True):

@@ -73,6 +73,16 @@ S3 = pa.schema([("utt_id", pa.string()), ("num_tokens", pa.int32()), ("tokens", 
 
 
 
+# True word timings of the embedded corpus (the synthesize stage: espeak-ng's word events), in seconds.
+WORDS = pa.schema([("utt_id", pa.string()), ("words", pa.list_(pa.string())), ("start", pa.list_(pa.float64())),
+                   ("end", pa.list_(pa.float64()))])
+
+
+def speaker_schema(width: int) -> pa.Schema:
+    """One speaker embedding per utterance (the speaker stage); the metadata names its encoder."""
+    return pa.schema([("utt_id", pa.string()), ("emb", pa.list_(pa.float32(), width))])
+
+
 def codes_schema(levels: int) -> pa.Schema:
     """TASTE tokens (the tokenize stage): per text token, one row of ``levels`` codes: the residual-VQ
     levels, then its duration in frames when the metadata has ``duration_bits``."""
@@ -89,6 +99,7 @@ def codes_schema(levels: int) -> pa.Schema:
 WHISPER_COLUMNS = ("utt_id", "num_frames", "mid", "last")
 TEXT_COLUMNS = ("utt_id", "token_ids", "emb")
 CODES_COLUMNS = ("utt_id", "token_ids", "codes")
+SPEAKER_COLUMNS = ("utt_id", "emb")
 # What a codes table's metadata must state: the model, its quantizer and the bitrate over the split
 # (and ``duration_bits`` where each token's last code is its duration: train.unit_alignment durations).
 CODES_META = ("tokenizer.model", "rvq_levels", "rvq_codebook_size", "bits_per_token", "text_tokens_per_s", "bitrate_bps")
@@ -371,6 +382,36 @@ def validate_codes(table: pa.Table, where: str = "taste codes") -> pa.Table:
     return table
 
 
+def validate_speaker(table: pa.Table, where: str = "speaker embeddings") -> pa.Table:
+    if list(table.schema.names) != list(SPEAKER_COLUMNS):
+        raise SchemaError(f"{where}: columns {table.schema.names}, expected {list(SPEAKER_COLUMNS)}")
+    t = table.schema.field("emb").type
+    if not (pa.types.is_fixed_size_list(t) and t.value_type == pa.float32()):
+        raise SchemaError(f"{where}: column 'emb' has type {t}, expected fixed_size_list<float>")
+    check_schema(table.schema, speaker_schema(t.list_size), where)
+    if b"speaker.source" not in (table.schema.metadata or {}):
+        raise SchemaError(f"{where}: metadata must name the speaker encoder (speaker.source)")
+    _unique_ids(table.column("utt_id").to_pylist(), where)
+    values = table.column("emb").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    bad = ~np.isfinite(values.reshape(-1, t.list_size)).all(1) if len(values) else np.zeros(0, bool)
+    if bad.any():
+        raise SchemaError(f"{where}: utt_id {table.column('utt_id')[int(np.argmax(bad))].as_py()!r}: "
+                          "embedding is not finite")
+    return table
+
+
+def validate_words(table: pa.Table, where: str = "word timings") -> pa.Table:
+    check_schema(table.schema, WORDS, where)
+    _unique_ids(table.column("utt_id").to_pylist(), where)
+    for u, words, start, end in zip(*(table.column(c).to_pylist() for c in ("utt_id", "words", "start", "end"))):
+        s, e = np.asarray(start), np.asarray(end)
+        if not len(words) == len(s) == len(e):
+            raise SchemaError(f"{where}: utt_id {u!r}: {len(words)} words, {len(s)} starts and {len(e)} ends")
+        if (e < s).any() or (np.diff(s) < 0).any() or (len(s) and s[0] < 0):
+            raise SchemaError(f"{where}: utt_id {u!r}: word times must start at 0 or later, rise, and end after they start")
+    return table
+
+
 def read_manifest(path: str | os.PathLike) -> pa.Table:
     return validate_manifest(pq.read_table(path), str(path))
 
@@ -393,6 +434,14 @@ def read_s3(path: str | os.PathLike) -> pa.Table:
 
 def read_text(path: str | os.PathLike) -> pa.Table:
     return validate_text(pq.read_table(path), str(path))
+
+
+def read_speaker(path: str | os.PathLike) -> pa.Table:
+    return validate_speaker(pq.read_table(path), str(path))
+
+
+def read_words(path: str | os.PathLike) -> pa.Table:
+    return validate_words(pq.read_table(path), str(path))
 
 
 def read_codes(path: str | os.PathLike) -> pa.Table:

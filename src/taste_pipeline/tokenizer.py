@@ -3,10 +3,14 @@
     from taste_pipeline.tokenizer import TasteTokenizer
     tok = TasteTokenizer.load("models/taste_rvq")
     codes = tok.encode("speech.flac", "the transcript")   # (text tokens, n_q [+ 1 duration]) integers
-    units = tok.decode(codes, "the transcript")           # free-running units, stops at END
+    units = tok.decode(codes, "the transcript", speaker="voice.flac")  # free-running units, stops at END
 
     python -m taste_pipeline.tokenizer encode --model DIR AUDIO TEXT         # prints JSON
     python -m taste_pipeline.tokenizer decode --model DIR --codes JSON TEXT  # JSON: a file or inline
+
+A model with ``train.speaker: embedding`` (the default) decodes in a voice: ``speaker=`` a recording of
+it (through the checkpoint's ``speaker.source``) or its embedding; encode's JSON carries the embedding
+of the encoded speech, which decode then uses unless ``--speaker`` names another recording.
 
 A checkpoint names the Whisper model (and its middle layer and windows) and the text model and case
 its features were made with (``features`` in its config.json, from the tables it was trained on), so
@@ -54,6 +58,7 @@ class TasteTokenizer:
         self.model, self.info, self.model_dir, self.device = model, info, str(model_dir), device
         self.features = feats
         self._states = None
+        self._speaker_encoder = None
         self.text_tokenizer, self.table = text_mod.load(feats["text.model"])
         self.case = feats["text.case"]
 
@@ -124,6 +129,25 @@ class TasteTokenizer:
         samples, _ = audio.fit_full_scale(name, samples)
         return np.clip(audio.resample(samples, int(rate)), -1.0, 1.0)
 
+    def speaker_embedding(self, voice) -> np.ndarray:
+        """The speaker embedding that a model with ``speaker: embedding`` decodes in: of ``voice``, a
+        recording (a file path or ``(samples, rate)``) through the encoder the model was trained with
+        (its ``speaker.source``), or an embedding already made (a 1-D array of the model's width)."""
+        width = self.model.cfg.d_speaker
+        if not isinstance(voice, (str, Path, tuple)):
+            emb = np.asarray(voice, dtype=np.float32)
+            if emb.shape != (width,) or not np.isfinite(emb).all():
+                raise TokenizerError(f"speaker embedding of shape {emb.shape}: {self.model_dir} takes ({width},) finite values")
+            return emb
+        if self._speaker_encoder is None:
+            from . import speaker
+
+            source = self.features.get("speaker.source")
+            if source is None:
+                raise TokenizerError(f"{self.model_dir}: config.json does not name its speaker encoder; pass an embedding")
+            self._speaker_encoder = speaker.load(source)
+        return self._speaker_encoder.embed(self.load_audio(voice))
+
     def _batch(self, ids: list[int]) -> dict:
         emb = torch.from_numpy(text_mod.embed(self.table, ids).astype(np.float32))
         return {"text_emb": emb[None].to(self.device), "text_len": torch.tensor([len(ids)], device=self.device)}
@@ -144,10 +168,11 @@ class TasteTokenizer:
 
     @torch.no_grad()
     def decode(self, codes, transcript: str, max_units: int | None = None, top_k: int | None = 25,
-               seed: int = 0) -> list[int]:
+               seed: int = 0, speaker=None) -> list[int]:
         """Units generated from the transcript and one row of codes per text token, up to END: sampled
         from the ``top_k`` likeliest with a generator seeded by ``seed`` (repeatable), as the free-running
-        evaluation does; ``top_k=None`` is greedy, which on 50 Hz units tends to loop on one unit."""
+        evaluation does; ``top_k=None`` is greedy, which on 50 Hz units tends to loop on one unit.
+        ``speaker`` (a model with ``speaker: embedding``): the voice, see ``speaker_embedding``."""
         ids = self.text_tokens(transcript)
         codes = np.asarray(codes)
         if codes.ndim != 2 or codes.shape != (len(ids), self.levels):
@@ -159,6 +184,11 @@ class TasteTokenizer:
         if codes.shape[1] > n_q and (codes[:, n_q:].min() < 0 or codes[:, n_q:].max() > model_mod.DURATION_MAX):
             raise TokenizerError(f"the last code of each token is its duration: frames in [0, {model_mod.DURATION_MAX}]")
         batch = dict(self._batch(ids), codes=torch.from_numpy(codes.astype(np.int64))[None].to(self.device))
+        if self.model.cfg.speaker != "none":
+            if speaker is None:
+                raise TokenizerError(f"{self.model_dir} decodes in a voice: pass speaker= (a recording of the voice "
+                                     f"or its embedding; the CLI's --speaker)")
+            batch["speaker"] = torch.from_numpy(self.speaker_embedding(speaker))[None].to(self.device)
         g = torch.Generator(device=self.device).manual_seed(seed)
         return self.model.generate(batch, max_units=max_units, top_k=top_k, generator=g)[0].tolist()
 
@@ -211,7 +241,8 @@ def tokenize_split(model_dir: str | Path, manifest_path: str | Path, whisper_pat
 
 
 def _codes_arg(value: str):
-    """--codes: inline JSON or a JSON file; a list of rows or encode's output (an object with "codes")."""
+    """--codes: inline JSON or a JSON file; a list of rows or encode's output (an object with "codes" and,
+    for a model that decodes in a voice, "speaker"). Returns (codes, speaker embedding or None)."""
     inline = value.lstrip().startswith(("[", "{"))
     if not inline and not Path(value).is_file():
         raise TokenizerError(f"--codes {value!r}: neither inline JSON nor an existing file")
@@ -219,7 +250,7 @@ def _codes_arg(value: str):
         obj = json.loads(value if inline else Path(value).read_text())
     except json.JSONDecodeError as e:
         raise TokenizerError(f"--codes {value[:60]!r}: not valid JSON ({e})") from None
-    return obj["codes"] if isinstance(obj, dict) else obj
+    return (obj["codes"], obj.get("speaker")) if isinstance(obj, dict) else (obj, None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     dec.add_argument("--max-units", type=int, default=None)
     dec.add_argument("--top-k", type=int, default=25, help="sample from the k likeliest units (0: greedy)")
     dec.add_argument("--seed", type=int, default=0)
+    dec.add_argument("--speaker", help="a recording of the voice to decode in (models with train.speaker "
+                     "embedding; default: the embedding in encode's output, if --codes is one)")
     for p in (enc, dec):
         p.add_argument("--model", required=True, help="a taste_rvq model folder, e.g. models/taste_rvq")
         p.add_argument("--device", default="cpu")
@@ -245,10 +278,14 @@ def main(argv: list[str] | None = None) -> int:
             codes = tok.encode((samples, tables.SAMPLE_RATE), args.text)
             seconds = len(samples) / tables.SAMPLE_RATE
             out = {"model": args.model, "text_tokens": tok.text_tokens(args.text), "codes": codes.tolist(),
+                   **({"speaker": tok.speaker_embedding((samples, tables.SAMPLE_RATE)).tolist()}
+                      if tok.model.cfg.speaker != "none" else {}),
                    "levels": tok.levels, "codebook_size": tok.codebook_size, "bits_per_token": tok.bits_per_token,
                    "seconds": seconds, "bitrate_bps": len(codes) * tok.bits_per_token / seconds}
         else:
-            units = tok.decode(_codes_arg(args.codes), args.text, args.max_units, args.top_k or None, args.seed)
+            codes, voice = _codes_arg(args.codes)
+            units = tok.decode(codes, args.text, args.max_units, args.top_k or None, args.seed,
+                               args.speaker or voice)
             out = {"model": args.model, "units": units, "num_units": len(units),
                    "seconds": len(units) / (tables.SAMPLE_RATE / tables.SAMPLES_PER_FRAME),
                    "targets": tok.info.get("targets", "")}

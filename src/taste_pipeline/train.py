@@ -34,18 +34,21 @@ def autocast(device: str, amp: bool | str):
 
 @torch.no_grad()
 def predict(model: TasteModel, data, batch_size: int, device: str = "cpu", speech_from: dict[int, int] | None = None,
-            amp: bool | str = False, buffer_rows: int = 0) -> list[dict]:
+            amp: bool | str = False, buffer_rows: int = 0, speaker_from: dict[int, int] | None = None) -> list[dict]:
     """Teacher-forced predictions per utterance of ``data`` (a Subset, a Split or a list of Examples), in
     its order: argmax, per-position NLL, targets (units + END). ``speech_from``: index -> the index whose
-    Whisper states the item gets instead of its own (the shuffled-speech control)."""
+    Whisper states the item gets instead of its own (the shuffled-speech control); ``speaker_from`` likewise
+    its speaker embedding (the leak control: another utterance of the same speaker)."""
     model.eval()
     data = as_subset(data)
     out: dict[int, dict] = {}
     for window in batches(data, batch_size, buffer_rows=buffer_rows):
         need = [i for group in window for i in group]
-        ex = data.source.examples(need + ([speech_from[i] for i in need] if speech_from else []))
+        other = [m[i] for m in (speech_from, speaker_from) if m for i in need]
+        ex = data.source.examples(need + other)
         for group in window:
-            batch = collate([ex[i] for i in group], [ex[speech_from[i]] for i in group] if speech_from else None)
+            batch = collate([ex[i] for i in group], [ex[speech_from[i]] for i in group] if speech_from else None,
+                            [ex[speaker_from[i]] for i in group] if speaker_from else None)
             batch = to_device(batch, device)
             with autocast(device, amp):
                 logits, _ = model(batch)
@@ -292,7 +295,7 @@ def fit(model: TasteModel, train_ex, val_ex, cfg: Train, out_dir: str | Path,
 
 
 def build_model(vocab_size: int, d_query: int, d_audio: int, p: Train, whisper_model: str | None,
-                text_model: str | None = None, max_units_per_token: float = 0.0) -> TasteModel:
+                text_model: str | None = None, max_units_per_token: float = 0.0, d_speaker: int = 256) -> TasteModel:
     """A fresh model of the variant whose params are ``p`` (its parts: ``p.speech``, ``p.squeeze``,
     ``p.unit_alignment``). With ``speech: tokens`` the aggregator starts from Whisper's decoder with
     ``agg_init: whisper`` (behind the family's task prefix, ``whisper.prefix_tokens``), else random with
@@ -300,14 +303,15 @@ def build_model(vocab_size: int, d_query: int, d_audio: int, p: Train, whisper_m
 
     ``text_model`` is the text table's ``text.model``: with ``agg_init: whisper`` the Whisper decoder
     reads the text embeddings, so they must be that Whisper's own. ``max_units_per_token``: the training
-    split's (``data.max_units_per_token``), the free-running length cap.
+    split's (``data.max_units_per_token``), the free-running length cap. ``d_speaker``: the speaker
+    table's embedding width (``speaker: embedding``).
 
     The initial weights follow ``train.seed``: torch seeds its default generator at random in every
     process, so without this the same params would train a different model each run.
     """
     torch.manual_seed(p.seed)
     cfg = ModelConfig.build(p, vocab_size=vocab_size, d_query=d_query, d_audio=d_audio,
-                            max_units_per_token=max_units_per_token)
+                            max_units_per_token=max_units_per_token, d_speaker=d_speaker)
     if p.speech != "tokens":
         return TasteModel(cfg)
     if p.agg_init == "fresh":

@@ -20,6 +20,7 @@ from .params import load as _load
 SPEECH = ("none", "tokens", "frames")
 SQUEEZES = ("none", "rvq")
 UNIT_ALIGNMENTS = ("none", "attention", "durations")
+SPEAKERS = ("none", "embedding")
 AGG_INITS = ("whisper", "fresh")
 
 
@@ -60,6 +61,10 @@ class ModelArgs:
     # order; squeeze rvq sends that count as one more code per token (8 bits), so its codes alone decode.
     # "none": the decoder finds its place in the text itself (TASTE).
     unit_alignment: str = "none"
+    # What the decoder is told of the voice: embedding (TASTE, CosyVoice's LM: the utterance's speaker
+    # embedding, the speaker stage's, as its first input, before the text) or none. Every variant gets it
+    # alike, so the baseline knows the voice too and the tokens need not carry it.
+    speaker: str = "embedding"
     d_model: int = 192
     n_heads: int = 4
     n_layers: int = 3
@@ -95,7 +100,7 @@ class ModelArgs:
         if not 1 <= self.agg_value_layers <= self.agg_layers:
             raise ParamError(f"train.agg_value_layers: {self.agg_value_layers} is not in 1..train.agg_layers ({self.agg_layers})")
         for name, allowed in (("speech", SPEECH), ("squeeze", SQUEEZES), ("agg_init", AGG_INITS),
-                              ("unit_alignment", UNIT_ALIGNMENTS)):
+                              ("unit_alignment", UNIT_ALIGNMENTS), ("speaker", SPEAKERS)):
             if getattr(self, name) not in allowed:
                 raise ParamError(f"train.{name}: {getattr(self, name)!r} is not one of {list(allowed)}")
 
@@ -108,7 +113,7 @@ class Train(ModelArgs):
     """Training params: the model's hyperparameters (``ModelArgs``) and the training loop's.
 
     ``variants``: name -> {the train params that differ for this variant: its parts (``speech``,
-    ``squeeze``, ``unit_alignment``) and any other}, each trained from scratch (``train@<name>``).
+    ``squeeze``, ``unit_alignment``, ``speaker``) and any other}, each trained from scratch (``train@<name>``).
     ``finetune``: the same, plus ``init``, the variant whose best checkpoint it starts from
     (``finetune@<name>``), so a curriculum is a chain of DVC stages. Evaluation finds its roles from the
     parts: the baseline is the variant with ``speech: none``, the topline one with ``speech: frames``.

@@ -1,0 +1,106 @@
+"""Stage speaker: one speaker embedding per utterance, which every variant's unit decoder reads.
+
+TASTE's decoder (CosyVoice's LM layout) reads ``[sos, speaker embedding, fused text + TASTE tokens,
+task, S3 units]``: the voice comes from the embedding, so neither the text-only baseline nor the
+tokens have to guess or carry who is speaking. Encoders, by ``speaker.source``:
+
+- ``pypi:resemblyzer`` (offline default): Resemblyzer's GE2E d-vector (256-d), whose weights ship in
+  the PyPI package, on its own preprocessing (volume normalised, long silences cut by WebRTC's VAD).
+- ``modelscope:<model id>`` (``iic/CosyVoice-300M``): CAM++ ``campplus.onnx`` (192-d), what TASTE reads,
+  on CosyVoice's features (80-bin Kaldi fbank, mean-normalised over the utterance).
+- a local path to ``campplus.onnx``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+RESEMBLYZER = "pypi:resemblyzer"
+MODELSCOPE_PREFIX = "modelscope:"
+CAMPPLUS_FILE = "campplus.onnx"
+
+
+class Resemblyzer:
+    """GE2E d-vectors from the ``resemblyzer`` package (weights inside it)."""
+
+    width = 256
+
+    def __init__(self):
+        # torch >= 2.6 (pinned) loads the package's pretrained.pt with weights_only=True by default.
+        from resemblyzer import VoiceEncoder
+
+        self.encoder = VoiceEncoder(device="cpu", verbose=False)
+        self.files = [Path(__import__("resemblyzer").__file__).parent / "pretrained.pt"]
+
+    def embed(self, audio: np.ndarray) -> np.ndarray:
+        from resemblyzer import preprocess_wav
+
+        wav = preprocess_wav(audio.astype(np.float32))
+        # The VAD may cut a short utterance to nothing; its untrimmed audio is then the better guess.
+        if len(wav) < 1600:
+            wav = audio.astype(np.float32)
+        return self.encoder.embed_utterance(wav).astype(np.float32)
+
+
+class CamPlus:
+    """CAM++ (``campplus.onnx``, CosyVoice's speaker encoder) through onnxruntime, on CosyVoice's features."""
+
+    def __init__(self, onnx_path: str | Path):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = max(1, torch.get_num_threads())
+        self.session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+        self.width = int(self.session.get_outputs()[0].shape[-1])
+        self.files = [Path(onnx_path)]
+
+    def embed(self, audio: np.ndarray) -> np.ndarray:
+        import torchaudio.compliance.kaldi as kaldi
+
+        feat = kaldi.fbank(torch.from_numpy(audio.astype(np.float32))[None], num_mel_bins=80, dither=0,
+                           sample_frequency=16000)
+        feat = feat - feat.mean(dim=0, keepdim=True)
+        out = self.session.run(None, {self.session.get_inputs()[0].name: feat[None].numpy()})[0]
+        return np.asarray(out, np.float32).reshape(-1)
+
+
+def campplus_path(source: str) -> Path:
+    """``campplus.onnx`` for a ModelScope id (downloaded; users with internet) or a local path."""
+    if source.startswith(MODELSCOPE_PREFIX):
+        from modelscope import snapshot_download
+
+        path = Path(snapshot_download(source[len(MODELSCOPE_PREFIX):], allow_patterns=[CAMPPLUS_FILE])) / CAMPPLUS_FILE
+    else:
+        path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"speaker.source: {path} is not a file (expected {CAMPPLUS_FILE})")
+    return path
+
+
+def load(source: str):
+    """The speaker encoder that ``speaker.source`` names: ``.embed(audio at 16 kHz) -> (width,)``."""
+    return Resemblyzer() if source == RESEMBLYZER else CamPlus(campplus_path(source))
+
+
+def embed_split(manifest_path: str | Path, out_path: str | Path, source: str, rows_per_group: int = 256) -> int:
+    """Stage speaker: one embedding per utterance of the manifest (``extract.run``); returns the rows."""
+    from . import extract, tables
+
+    encoder = load(source)
+
+    def encode(rows: list[dict], audios: list[np.ndarray]) -> dict[str, list]:
+        embs = []
+        for r, a in zip(rows, audios):
+            e = encoder.embed(a)
+            if e.shape != (encoder.width,) or not np.isfinite(e).all():
+                raise ValueError(f"speaker: utterance {r['utt_id']} ({r['audio_path']}): the encoder gave "
+                                 f"{'a non-finite' if e.shape == (encoder.width,) else f'a {e.shape}'} embedding")
+            embs.append(e.tolist())
+        return {"emb": embs}
+
+    meta = {"speaker.source": source, "speaker.width": str(encoder.width)}
+    return extract.run("speaker", manifest_path, out_path, tables.speaker_schema(encoder.width), meta,
+                       [source, rows_per_group], encode, rows_per_group, files=encoder.files)
