@@ -1,7 +1,9 @@
+import numpy as np
 import pytest
 import torch
 
 from taste_pipeline import model as model_mod
+from taste_pipeline import whisper as whisper_mod
 from taste_pipeline import train_params
 from taste_pipeline.model import ModelConfig, NoSpeech, TasteModel
 
@@ -170,7 +172,8 @@ def test_whisper_init_copies_the_decoder_and_sets_value_identity(tiny_whisper):
 
 def test_pretrained_aggregator_matches_whisper_when_keys_equal_values(tiny_whisper):
     """With K = V = the last layer and v_proj restored, our layers compute Whisper's decoder layers: the
-    hidden states after each one, and what the last one's cross-attention read (a token's vector)."""
+    hidden states after each one, and what the last one's cross-attention read: a token's vector is the
+    read at the position before it, where Whisper's decoder looks for the token it predicts next."""
     cfg = ModelConfig(vocab_size=16, agg_layers=4, agg_heads=6, agg_ffn=1536, dropout=0.0, agg_value_layers=1,
                       agg_freeze_alignment=False)
     agg = TasteModel(cfg).eval().speech.aggregator
@@ -192,7 +195,7 @@ def test_pretrained_aggregator_matches_whisper_when_keys_equal_values(tiny_whisp
         last = dec.layers[-1]
         h = ref[-2] + last.self_attn(last.self_attn_layer_norm(ref[-2]))[0]
         want_read = last.encoder_attn(last.encoder_attn_layer_norm(h), key_value_states=enc)[0]
-        torch.testing.assert_close(agg(emb, enc, enc, mask), want_read[:, 2:], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(agg(emb, enc, enc, mask), want_read[:, 1:-1], atol=1e-4, rtol=1e-4)
 
 
 def test_context_layers_read_last_layer_values_and_are_frozen(tiny_whisper):
@@ -245,6 +248,33 @@ def test_pretrained_aggregator_aligns_text_to_speech(tiny_whisper, tiny_tables):
         peaks = attn.last_weights[0, :, 2:].mean(0).argmax(-1).numpy()[:-1]  # last token: end of speech
         corr.append(np.corrcoef(np.arange(len(peaks)), peaks)[0, 1])
     assert np.mean(corr) > 0.9, corr
+
+
+def test_each_token_reads_where_its_word_is_spoken(tiny_whisper, tiny_tables, tiny_corpus):
+    """Against the corpus's true word timings, at init: Whisper's decoder attends at token k-1 to token k
+    (it predicts the next token), so read there most frames fall on the right word, far more than for
+    tokens spread evenly; read at token k itself, they mostly fall on the word after."""
+    from taste_pipeline import alignment, data, tables, text
+
+    tokenizer, _ = text.load(whisper_mod.EMBEDDED)
+    words = tables.read_words(tiny_corpus.parent / "words" / "tiny-train.parquet")
+    timing = {u: (s, e) for u, s, e in zip(*(words.column(c).to_pylist() for c in ("utt_id", "start", "end")))}
+    split, _ = data.load_split(**tiny_tables)
+    scores = {}
+    for shift in (1, 0):
+        model = TasteModel(ModelConfig(vocab_size=16, agg_layers=4, agg_value_layers=1, dropout=0.0,
+                                       agg_read_shift=shift)).eval()
+        model.speech.aggregator.init_from_whisper(tiny_whisper, TINY_PREFIX)
+        got, even = [], []
+        for i, ex in split.examples(range(len(split))).items():
+            w = model.speech.frame_attention(data.collate([ex]))[0].float()
+            tok_word = alignment.token_words([tokenizer.decode([int(k)]) for k in ex.token_ids])
+            start, end = (np.asarray(x) for x in timing[ex.utt_id])
+            got.append(alignment.score(w.argmax(0).numpy(), tok_word, start, end))
+            even.append(alignment.score(alignment.uniform_tokens(*w.shape), tok_word, start, end))
+        scores[shift] = alignment.summarize(got)["frame_acc"]
+        uniform = alignment.summarize(even)["frame_acc"]
+    assert scores[1] > 0.6 and scores[1] > uniform + 0.2 and scores[0] < uniform, (scores, uniform)
 
 
 @pytest.mark.parametrize("variant,kw,end_bias", [("taste", {}, 4.0), ("text_only", {}, 12.0), ("speech_frames", {}, 4.0),
@@ -307,7 +337,7 @@ def test_aligned_units_read_the_vector_of_the_token_the_speech_puts_there(monkey
     model.prefix(batch)
     real = speech.token_of_frame(batch)
     assert real.shape == (3, 40) and int(real[2].max()) < 3  # item 2 has 3 text tokens
-    w = speech.aggregator.value_attention.last_weights.float().mean(1)[:, 2:]
+    w = speech.aggregator.value_attention.last_weights.float().mean(1)[:, 1:-1]  # token k: the query before it
     assert torch.equal(real[0], w[0].argmax(0))
     with pytest.raises(ValueError, match="codes do not carry"):
         model.prefix(dict(batch, codes=torch.zeros(3, 7, 2, dtype=torch.long)))

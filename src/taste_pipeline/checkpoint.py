@@ -61,8 +61,8 @@ def load_checkpoint(model_dir: str | Path, device: str = "cpu") -> tuple[TasteMo
                 f"unit_alignment)" if "variant" in args else f"{sorted(set(args) - known)}, params the model no longer has")
         raise CheckpointError(f"{model_dir}: saved by an older version of the model ({CONFIG_FILE} has {what}); "
                               f"rebuild it with: dvc repro --glob '*@{model_dir.name}'")
-    # Saved before the decoder could be told the voice: it was not (the field's default is now embedding).
-    model = TasteModel(ModelConfig(**{"speaker": "none", **args}))
+    # Fields a checkpoint made before them lacks, with what that model did: no voice, tokens read at themselves.
+    model = TasteModel(ModelConfig(**{"speaker": "none", "agg_read_shift": 0, **args}))
     model.load_state_dict(load_file(str(model_dir / MODEL_FILE)))
     if (model_dir / HISTORY_FILE).exists():
         info["history"] = json.loads((model_dir / HISTORY_FILE).read_text())

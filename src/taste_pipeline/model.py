@@ -64,6 +64,11 @@ class ModelConfig(ModelArgs):
     max_text: int = 448  # aggregator positions, Whisper's prefix included
     agg_prefix: int = 2  # tokens before the text: 2 for English-only Whisper (and fresh), 4 for multilingual
     d_speaker: int = 256  # speaker embedding width (the speaker table's: Resemblyzer 256, CAM++ 192)
+    # Token k's vector is what the query this many positions before it read. Whisper's decoder, trained to
+    # predict the next token, attends at token k-1 to where token k is spoken (openai-whisper's word
+    # timestamps read it there too): on the embedded test split the frozen attention put 84 % of the
+    # frames on the right word read this way, 13 % read at token k itself. 0: checkpoints made before.
+    agg_read_shift: int = 1
     # The most units per text token of any training utterance: free-running generation stops an item at
     # GENERATE_SLACK times that many units per token of its text (what a user has; never the reference
     # length). 0: not known, the cap is max_len.
@@ -191,6 +196,9 @@ class Aggregator(nn.Module):
         self.in_proj = nn.Identity() if cfg.d_query == d else nn.Linear(cfg.d_query, d)
         # Whisper's task prefix (``whisper.prefix_tokens``): the context its decoder was trained to read text in.
         self.num_prefix = cfg.agg_prefix
+        self.first_read = cfg.agg_prefix - cfg.agg_read_shift  # the position whose read is token 0's
+        if not 0 <= self.first_read <= cfg.agg_prefix:
+            raise ValueError(f"agg_read_shift {cfg.agg_read_shift} does not fit a prefix of {cfg.agg_prefix} tokens")
         self.prefix = nn.Parameter(torch.randn(self.num_prefix, d) * 0.02)
         self.positions = nn.Parameter(torch.randn(cfg.max_text, d) * 0.02)  # prefix included
         self.layers = nn.ModuleList(AggregatorLayer(d, cfg.agg_heads, cfg.agg_ffn, d, cfg.dropout)
@@ -211,7 +219,11 @@ class Aggregator(nn.Module):
             x, read = layer(x, last, mid if value_layer else last, frame_mask)
             if value_layer:
                 reads.append(read)
-        return torch.stack(reads).sum(0)[:, self.num_prefix :]
+        return self.token_rows(torch.stack(reads).sum(0))
+
+    def token_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """Of a (B, prefix + L, ...) tensor over the query positions, the L rows that are the text tokens'."""
+        return t[:, self.first_read : self.first_read + t.shape[1] - self.num_prefix]
 
     @property
     def value_attention(self) -> Attention:
@@ -524,7 +536,7 @@ class TokenSpeech(nn.Module):
     def token_of_frame(self, batch) -> torch.Tensor:
         """After ``prefix``: (B, F) the text token that the value layer's attention (mean over heads) puts
         at each frame, the one attending most to it."""
-        w = self.aggregator.value_attention.last_weights.float().mean(1)[:, self.aggregator.num_prefix :]
+        w = self.aggregator.token_rows(self.aggregator.value_attention.last_weights.float().mean(1))
         real = lengths_mask(batch["text_len"], w.shape[1])
         return w.masked_fill(~real[..., None], float("-inf")).argmax(1)
 
@@ -537,7 +549,7 @@ class TokenSpeech(nn.Module):
         attn.keep_weights = True
         try:
             self.vectors(batch)
-            return attn.last_weights.mean(1)[:, self.aggregator.num_prefix :]
+            return self.aggregator.token_rows(attn.last_weights.mean(1))
         finally:
             attn.keep_weights, attn.last_weights = kept
 
