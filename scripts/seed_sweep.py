@@ -40,7 +40,8 @@ def experiments(all_commits: bool = False) -> dict[str, dict]:
     return runs
 
 
-SYSTEM_METRICS = ("top1_acc", "change_top1_acc", "nll", "free_uer", "free_length_error", "free_no_end")
+SYSTEM_METRICS = ("top1_acc", "change_top1_acc", "nll", "free_uer", "free_length_error", "free_no_end",
+                  "speaker_swap_delta_nll")
 GAP_METRICS = ("speech_bits_per_s", "gap_closed_nll", "gap_closed_top1_acc", "gap_closed_change_top1_acc",
                "bitrate_bps", "dead_code_share")
 
