@@ -30,10 +30,10 @@ class Resemblyzer:
 
     def __init__(self):
         # torch >= 2.6 (pinned) loads the package's pretrained.pt with weights_only=True by default.
-        from resemblyzer import VoiceEncoder
+        import resemblyzer
 
-        self.encoder = VoiceEncoder(device="cpu", verbose=False)
-        self.files = [Path(__import__("resemblyzer").__file__).parent / "pretrained.pt"]
+        self.encoder = resemblyzer.VoiceEncoder(device="cpu", verbose=False)
+        self.files = [Path(resemblyzer.__file__).parent / "pretrained.pt"]  # in the fingerprint
 
     def embed(self, audio: np.ndarray) -> np.ndarray:
         from resemblyzer import preprocess_wav
