@@ -3,6 +3,7 @@ checkpoint by validation NLL.
 
     python stages/train.py <variant> <manifest> <whisper> <text> <s3> <model_dir> <live_dir> [--resume-dir DIR]
         [--init <model_dir of the variant it starts from>] [--speaker <speaker table of the train split>]
+        [--words <true word timings of the train split>]
 
 A run that is killed resumes from its last saved step when started again with the same params and
 inputs (the state lives in --resume-dir, which DVC does not clear; see train.fit). Under
@@ -13,6 +14,7 @@ import argparse
 import contextlib
 import dataclasses
 import sys
+from pathlib import Path
 
 from dvclive import Live
 
@@ -30,6 +32,8 @@ def main() -> None:
     ap.add_argument("--resume-dir", help="where the resume state is kept between a kill and a rerun")
     ap.add_argument("--init", help="model dir of the variant this one starts from (train.finetune.<name>.init)")
     ap.add_argument("--speaker", help="speaker table of the train split (the speaker stage's; train.speaker embedding)")
+    ap.add_argument("--words", help="true word timings of the train split (the synthesize stage's; read by "
+                                    "train.unit_alignment oracle only)")
     args = ap.parse_args()
     w, base = params.load("whisper"), params.load("base")
     p, init = train_params.load("train").variant(args.variant)
@@ -47,8 +51,12 @@ def main() -> None:
     p = dataclasses.replace(p, device=device, amp=amp)
     if p.speaker != "none" and args.speaker is None:
         sys.exit(f"train.speaker: {p.speaker} needs --speaker (the speaker stage's table): run it as dvc.yaml does")
+    words = args.words if p.unit_alignment == "oracle" else None
+    if words is not None and not Path(words).is_file():
+        sys.exit(f"train.unit_alignment: oracle reads true word timings, and {words} is not there (the synthesize "
+                 "stage writes them for the embedded corpus; other corpora have none)")
     split, meta = data.load_split(args.manifest, args.whisper, args.text, args.s3,
-                                  args.speaker if p.speaker != "none" else None)
+                                  args.speaker if p.speaker != "none" else None, words)
     # The held-out speaker follows base.seed, not train.seed: seeds then differ only in initialization and
     # batch order, so a seed sweep compares variants on the same data.
     train_ex, val_ex = data.speaker_split(split, p.val_speakers, base.seed)
@@ -66,7 +74,8 @@ def main() -> None:
             live.log_params({"variant": args.variant, "speech": p.speech, "squeeze": p.squeeze, "unit_alignment": p.unit_alignment, "speaker": p.speaker, "init": init or "", "seed": p.seed, "targets": meta["targets"], "amp": amp,
                              "device": device, "cpu": hardware.cpu_description()})
         fp = checkpoint.fingerprint(p, args.variant, [args.manifest, args.whisper, args.text, args.s3,
-                                                     *([args.speaker] if args.speaker else [])])
+                                                     *([args.speaker] if args.speaker else []),
+                                                     *([words] if words else [])])
         summary = train.fit(model, train_ex, val_ex, p, args.model_dir, live, args.resume_dir, fp, p.checkpoint_steps,
                             ranks)
         if lead:

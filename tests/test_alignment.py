@@ -36,3 +36,16 @@ def test_words_spoken_as_one_count_as_one():
 def test_an_even_spread_covers_every_token_in_order():
     u = alignment.uniform_tokens(3, 10)
     assert u.tolist() == [0, 0, 0, 0, 1, 1, 1, 2, 2, 2] and alignment.uniform_tokens(4, 2).tolist() == [0, 2]
+
+
+def test_true_durations_cover_the_frames_and_start_each_word_where_it_is_spoken():
+    pieces = [" the", " cat", " sl", "ept", " in", " the", " house"]
+    starts = np.array([0.1, 0.5, 0.9, 1.3, 1.3, 1.5])  # "in the" spoken as one
+    d = alignment.token_durations(pieces, starts, 100)
+    assert d.sum() == 100 and (d >= 0).all()
+    begin = np.r_[0, np.cumsum(d)[:-1]]
+    # Each word's first token starts at the word's frame (the first at 0: leading silence is its own).
+    assert begin[[1, 2, 4, 6]].tolist() == [25, 45, 65, 75]
+    assert d[2] < d[3]  # split by characters: "sl" gets less than "ept"
+    with pytest.raises(ValueError, match="7 tokens make 6 words; the timings have 5"):
+        alignment.token_durations(pieces, starts[:5] + np.arange(5), 100)

@@ -430,3 +430,21 @@ def test_forward_and_generate_do_not_branch_on_a_variant_name():
     assert "variant" not in {f.name for f in dataclasses.fields(ModelConfig)}
     with pytest.raises(train_params.ParamError, match="train.squeeze"):
         TasteModel(ModelConfig(vocab_size=16, speech="frames", squeeze="rvq"))
+
+
+def test_oracle_durations_place_text_alone_on_the_unit_clock():
+    """unit_alignment oracle, with text alone: the decoder reads the batch's true durations (no speech);
+    other durations change its logits, speech features do not, and a batch without them is refused."""
+    model, batch = _model("text_only", unit_alignment="oracle"), _batch()
+    batch["durations"] = torch.tensor([[2, 3, 0, 1, 0, 0, 4], [1, 1, 1, 1, 2, 0, 0], [5, 5, 5, 0, 0, 0, 0]])
+    logits, _ = model(batch)
+    idx, end = model.speech.placement.step_tokens(batch, 12, model.speech)
+    assert idx[0].tolist() == [0, 0, 1, 1, 1, 3, 6, 6, 6, 6, 6, 6] and end.tolist() == [10, 6, 15]
+    poisoned = dict(batch, mid=torch.full_like(batch["mid"], float("nan")), last=torch.full_like(batch["last"], float("nan")))
+    torch.testing.assert_close(model(poisoned)[0], logits)
+    moved = dict(batch, durations=batch["durations"].roll(1, dims=1))
+    assert not torch.allclose(model(moved)[0][0], logits[0])
+    with pytest.raises(ValueError, match="no true durations"):
+        model({k: v for k, v in batch.items() if k != "durations"})
+    with pytest.raises(train_params.ParamError, match="oracle"):
+        train_params.ModelArgs(speech="frames", unit_alignment="oracle").check()

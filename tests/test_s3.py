@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from taste_pipeline import audio, s3, tables
+from taste_pipeline import audio, s3, tables, whisper
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,8 @@ AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_E
 
 
 @pytest.mark.slow
-def test_standin_targets_do_not_depend_on_the_cpu_kind(tiny_resampled, tmp_path):
+@pytest.mark.parametrize("frames", ["None", "s3.WhisperLayer(whisper.EMBEDDED, 3)"])
+def test_standin_targets_do_not_depend_on_the_cpu_kind(tiny_resampled, tmp_path, frames):
     """Fitted and applied under this CPU's torch kernels and under torch held to AVX2 (as on a CPU
     without AVX-512), the stand-in gives the same tokenizer file and the same units. (Where this CPU
     has only AVX2 both runs take the same path; the check bites on AVX-512 and AMX machines.)"""
@@ -117,12 +118,12 @@ def test_standin_targets_do_not_depend_on_the_cpu_kind(tiny_resampled, tmp_path)
 
     script = (
         "import sys, numpy as np, torch\n"
-        "from taste_pipeline import audio, s3, tables\n"
+        "from taste_pipeline import audio, s3, tables, whisper\n"
         "m = sys.argv[1]\n"
         "from pathlib import Path\n"
         "rows = tables.read_manifest(m).to_pylist()\n"
         "speech = [audio.load_utterance(Path(m).parent, r) for r in rows]\n"
-        "tok = s3.StandinUnits.fit(speech, 32, seed=7)\n"
+        f"tok = s3.StandinUnits.fit(speech, 32, seed=7, frames={frames})\n"
         "tok.save(sys.argv[2] + '.safetensors')\n"
         "np.save(sys.argv[2] + '.npy', np.concatenate(tok.tokenize(speech)))\n"
         "print(torch.backends.cpu.get_cpu_capability())\n")
@@ -146,3 +147,25 @@ def test_standin_features_sit_on_the_grid_in_float64(speech):
     np.testing.assert_allclose(f, ref, atol=s3.FEATURE_GRID)
     mel32 = s3.log_mel(speech[0]).numpy()
     np.testing.assert_allclose(s3.log_mel64(speech[0]).numpy(), mel32, atol=2e-4)
+
+
+def test_whisper_standin_is_deterministic_and_names_itself(speech, tmp_path):
+    """Two fits give the same file and units; the saved file rebuilds the same tokenizer (its Whisper
+    block included); units are a different kind from the log-mel stand-in's."""
+    frames = s3.WhisperLayer(whisper.EMBEDDED, 3)
+    a = s3.StandinUnits.fit(speech, 16, seed=1, frames=frames)
+    b = s3.StandinUnits.fit(speech, 16, seed=1, frames=frames)
+    a.save(tmp_path / "a.safetensors")
+    b.save(tmp_path / "b.safetensors")
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    loaded = s3.StandinUnits.load(tmp_path / "a.safetensors")
+    assert isinstance(loaded.frames, s3.WhisperLayer) and loaded.frames.layer == 3
+    units = a.tokenize(speech)
+    for x, u, v in zip(speech, units, loaded.tokenize(speech)):
+        assert len(u) == tables.frames_for(len(x)) and np.array_equal(u, v)
+    assert len(set(np.concatenate(units).tolist())) > 8
+    assert a.name == "standin-kmeans16-whisper-tiny.en-block3-cmvn (not S3)"
+    logmel = s3.StandinUnits.fit(speech, 16, seed=1).tokenize(speech)
+    assert not all(np.array_equal(u, v) for u, v in zip(units, logmel))
+    with pytest.raises(ValueError, match="s3.standin_layer: 5"):
+        s3.WhisperLayer(whisper.EMBEDDED, 5)

@@ -81,3 +81,28 @@ def summarize(items: list[dict], prefix: str = "") -> dict:
             f"{prefix}boundary_ms_mean": float(errors.mean()) if len(errors) else float("nan"),
             f"{prefix}boundary_ms_median": float(np.median(errors)) if len(errors) else float("nan"),
             f"{prefix}words_missed": sum(i["missed"] for i in items) / max(1, sum(i["words"] for i in items))}
+
+
+def token_durations(pieces: list[str], starts: np.ndarray, num_frames: int) -> np.ndarray:
+    """(L,) each text token's true duration in frames, the tokens laid end to end over ``num_frames``:
+    a spoken word (words spoken as one share theirs) runs from its start to the next one's, the first
+    from frame 0 (leading silence and pauses go to the token before), and is split over its tokens in
+    proportion to their characters. The oracle the ``oracle`` unit alignment reads."""
+    tok_word = token_words(pieces)
+    spoken = spoken_words(np.asarray(starts))
+    if len(pieces) == 0 or tok_word[-1] + 1 != len(spoken):
+        raise ValueError(f"{len(pieces)} tokens make {tok_word[-1] + 1 if len(pieces) else 0} words; "
+                         f"the timings have {len(spoken)}")
+    group = spoken[tok_word]  # the spoken word of each token
+    first = np.unique(spoken, return_index=True)[1]
+    begin = np.round(np.asarray(starts, np.float64)[first] / FRAME_S).astype(np.int64)
+    begin[0] = 0
+    bounds = np.minimum(np.r_[begin, num_frames], num_frames)
+    bounds = np.maximum.accumulate(bounds)
+    chars = np.asarray([max(1, len(p.strip())) for p in pieces], np.float64)
+    ends = np.zeros(len(pieces), np.int64)
+    for g in range(len(first)):
+        mine = np.nonzero(group == g)[0]
+        share = np.cumsum(chars[mine]) / chars[mine].sum()
+        ends[mine] = bounds[g] + np.round(share * (bounds[g + 1] - bounds[g])).astype(np.int64)
+    return np.diff(np.r_[0, ends])

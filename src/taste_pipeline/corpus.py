@@ -373,3 +373,17 @@ def synthesize(out_dir: str | Path, train_split: str, test_split: str, train_utt
     words = (lambda split: Path(words_dir) / f"{split}.parquet") if words_dir is not None else (lambda split: None)
     write_split(engine, train, Path(out_dir) / train_split, train_split, words(train_split))
     write_split(engine, test, Path(out_dir) / test_split, test_split, words(test_split))
+
+
+def parallel(out_dir: str | Path, split: str, texts: list[str], voices: list[str], seed: int,
+             words_dir: str | Path) -> None:
+    """A split where every voice speaks every text, without breaks (``out_dir/<split>``, LibriSpeech
+    layout, and its word timings ``words_dir/<split>.parquet``): the same sentences in several voices,
+    to measure how much target units change with the voice (``targets``)."""
+    for voice in voices:
+        Espeak.check_reproducible(voice)
+    rng = random.Random(seed)
+    utts = []
+    for s in speakers(voices, 800, rng):
+        utts += plan(texts, [s], 1, rng, pause_prob=0.0, max_pause_ms=0)
+    write_split(Espeak(), utts, Path(out_dir) / split, split, Path(words_dir) / f"{split}.parquet")

@@ -26,6 +26,7 @@ class Example:
     last: torch.Tensor  # (F, da) float16
     units: torch.Tensor  # (T,) int64
     speaker: torch.Tensor | None = None  # (D,) float32: the speaker embedding (the speaker stage), if read
+    durations: np.ndarray | None = None  # (L,) each text token's true duration in frames (word timings), if read
 
 
 class Split:
@@ -39,9 +40,10 @@ class Split:
     Every row group is validated as it is read.
     """
 
-    def __init__(self, manifest_path, whisper_path, text_path, s3_path=None, speaker_path=None):
+    def __init__(self, manifest_path, whisper_path, text_path, s3_path=None, speaker_path=None, words_path=None):
         """Without ``s3_path`` (tokenizing) every utterance has no target units; without ``speaker_path``
-        no speaker embedding (a model that reads one refuses such a batch)."""
+        no speaker embedding, without ``words_path`` (true word timings) no true durations (a model that
+        reads one refuses such a batch)."""
         manifest = tables.read_manifest(manifest_path)
         s = tables.read_s3(s3_path) if s3_path is not None else None
         self.meta = {k.decode(): v.decode() for k, v in (s.schema.metadata or {}).items()} if s is not None else {}
@@ -71,6 +73,25 @@ class Split:
             self.speaker_meta = {k.decode(): v.decode() for k, v in (sp.schema.metadata or {}).items()}
             mat = emb.flatten().to_numpy(zero_copy_only=False).reshape(-1, self.speaker_width)
             self._speakers = mat[self._positions("speaker", sp.column("utt_id").to_pylist(), manifest_path)]
+        self._durations = None if words_path is None else self._true_durations(words_path, manifest_path, manifest)
+
+    def _true_durations(self, words_path, manifest_path, manifest) -> list[np.ndarray]:
+        """Each utterance's true token durations (``alignment.token_durations``) from the word timings."""
+        from . import alignment, whisper
+
+        t = tables.read_words(words_path)
+        starts = t.column("start").to_pylist()
+        pos = self._positions("words", t.column("utt_id").to_pylist(), manifest_path)
+        tokenizer = whisper.load_tokenizer(self.text_model)
+        frames = [tables.frames_for(n) for n in manifest.column("num_samples").to_pylist()]
+        out = []
+        for i, p in enumerate(pos):
+            pieces = [tokenizer.decode([int(k)]) for k in self._token_ids[i]]
+            try:
+                out.append(alignment.token_durations(pieces, np.asarray(starts[p]), frames[i]))
+            except ValueError as e:
+                raise ValueError(f"{words_path}: utterance {self.utt_ids[i]}: {e}") from None
+        return out
 
     def reopen(self) -> None:
         """Open the big tables' files (again): a DataLoader worker reads through handles of its own."""
@@ -164,7 +185,8 @@ class Split:
                 mid=torch.from_numpy(tables.row_matrix(w, "mid", wr).copy()),
                 last=torch.from_numpy(tables.row_matrix(w, "last", wr).copy()),
                 units=torch.from_numpy(self._units[i].astype(np.int64)),
-                speaker=None if self._speakers is None else torch.from_numpy(self._speakers[i].copy()))
+                speaker=None if self._speakers is None else torch.from_numpy(self._speakers[i].copy()),
+                durations=None if self._durations is None else self._durations[i])
         return out
 
 
@@ -228,9 +250,9 @@ def max_units_per_token(data) -> float:
     return max(data.source.num_units(i) / max(1, data.source.num_text_tokens(i)) for i in data.indices)
 
 
-def load_split(manifest_path, whisper_path, text_path, s3_path, speaker_path=None) -> tuple[Split, dict]:
+def load_split(manifest_path, whisper_path, text_path, s3_path, speaker_path=None, words_path=None) -> tuple[Split, dict]:
     """Join the tables of a split on utt_id (lazily); an utterance missing from any of them is an error."""
-    split = Split(manifest_path, whisper_path, text_path, s3_path, speaker_path)
+    split = Split(manifest_path, whisper_path, text_path, s3_path, speaker_path, words_path)
     return split, split.meta
 
 
@@ -276,6 +298,10 @@ def collate(examples: list[Example], speech_from: list[Example] | None = None,
     batch["text_len"] = torch.tensor([len(e.text_emb) for e in examples])
     batch["frame_len"] = torch.tensor([len(s.mid) for s in speech])
     batch["unit_len"] = torch.tensor([len(e.units) for e in examples])
+    if all(e.durations is not None for e in examples):
+        batch["durations"] = torch.zeros(B, L, dtype=torch.long)
+        for i, e in enumerate(examples):
+            batch["durations"][i, : len(e.durations)] = torch.from_numpy(np.asarray(e.durations, np.int64))
     has = [v.speaker is not None for v in voices]
     if all(has):
         batch["speaker"] = torch.stack([v.speaker.float() for v in voices])

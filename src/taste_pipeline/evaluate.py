@@ -128,7 +128,8 @@ def run(test_files: dict, train_s3: str, model_dirs: dict[str, str], text_model:
     device = hardware.resolve_device(device, "train.device")
     plots = Path(plots_dir)
     plots.mkdir(parents=True, exist_ok=True)
-    test, meta = data.load_split(**test_files)
+    # With word timings, the test split also carries true durations (variants with unit_alignment oracle).
+    test, meta = data.load_split(**test_files, words_path=words_path)
     missing = [d for d in model_dirs.values() if not (Path(d) / checkpoint.MODEL_FILE).exists()]
     if missing:
         raise FileNotFoundError(f"no trained model in {missing}: run the train / finetune stages first")
@@ -137,10 +138,12 @@ def run(test_files: dict, train_s3: str, model_dirs: dict[str, str], text_model:
         if info["model_args"]["vocab_size"] != int(meta["vocab_size"]):
             raise ValueError(f"{model_dirs[name]} was trained on {info['model_args']['vocab_size']} units, "
                              f"the test targets have {meta['vocab_size']}")
-    # Roles come from the parts: the baseline reads no speech, the headline one vector per text token
-    # (the first of each, in train.variants order), the topline every Whisper frame (if one was trained).
-    role = lambda speech: next((n for n, (m, _) in models.items() if m.cfg.speech == speech), None)  # noqa: E731
-    baseline, headline, topline = role("none"), role("tokens"), role("frames")
+    # Roles come from the parts: the baseline reads no speech (nor true durations), the headline one vector
+    # per text token (the first of each, in train.variants order), the topline every Whisper frame (if
+    # one was trained).
+    role = lambda speech, *align: next((n for n, (m, _) in models.items() if m.cfg.speech == speech  # noqa: E731
+                                        and (not align or m.cfg.unit_alignment in align)), None)
+    baseline, headline, topline = role("none", "none"), role("tokens"), role("frames")
     if baseline is None or headline is None:
         raise ValueError(f"evaluate needs a variant with speech: none and one with speech: tokens; got "
                          f"{ {n: m.cfg.speech for n, (m, _) in models.items()} }")

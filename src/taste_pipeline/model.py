@@ -12,7 +12,8 @@ A variant is a choice of parts (``train`` params, per variant in ``train.variant
 - ``unit_alignment`` (with tokens), how the decoder is told where the tokens lie: ``none`` (TASTE: it
   finds its place in the text itself), ``attention`` (unit input r also gets the fused vector of the
   token that the aggregator's attention puts at frame r) or ``durations`` (the same, coded per token as
-  its duration in frames, which the rvq squeeze sends as one more code).
+  its duration in frames, which the rvq squeeze sends as one more code); ``oracle`` (with tokens or
+  none) lays the tokens on the unit clock by their true durations, from the corpus's word timings.
 - ``speaker``, what the decoder is told of the voice: ``embedding`` (TASTE, CosyVoice's LM: the
   utterance's speaker embedding as the decoder's first input, before the text) or ``none``.
 
@@ -366,7 +367,7 @@ SQUEEZES = {"none": NoSqueeze, "rvq": ResidualSqueeze}
 class NoPlacement(nn.Module):
     """TASTE: the decoder finds its place in the text itself."""
 
-    coded, keeps_weights = False, False
+    coded, keeps_weights, reads_speech = False, False, False
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -380,7 +381,7 @@ class SpanPlacement(nn.Module):
     speech's end) and where r lies in that token's span (frames since it began, its length), on
     Whisper's sinusoid basis. Subclasses say which token is at each step and where the speech ends."""
 
-    coded, keeps_weights = False, True
+    coded, keeps_weights, reads_speech = False, True, True
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -449,7 +450,22 @@ class DurationPlacement(SpanPlacement):
         return torch.minimum(idx, (batch["text_len"] - 1).clamp(min=0)[:, None]), ends[:, -1]
 
 
-PLACEMENTS = {"none": NoPlacement, "attention": AttentionPlacement, "durations": DurationPlacement}
+class OraclePlacement(DurationPlacement):
+    """Each token's span is its true duration (the corpus's word timings split over each word's tokens,
+    the batch's ``durations``), laid end to end: the best that timing alone can tell the decoder. Reads
+    no speech, so text alone can take it; not coded (decoding needs a corpus's word timings)."""
+
+    coded, keeps_weights, reads_speech = False, False, False
+
+    def durations(self, batch, speech) -> torch.Tensor:
+        if batch.get("durations") is None:
+            raise ValueError("train.unit_alignment oracle: the batch has no true durations (the synthesize "
+                             "stage's word timings, --words)")
+        return batch["durations"].clamp(min=0, max=DURATION_MAX)
+
+
+PLACEMENTS = {"none": NoPlacement, "attention": AttentionPlacement, "durations": DurationPlacement,
+              "oracle": OraclePlacement}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -457,16 +473,19 @@ PLACEMENTS = {"none": NoPlacement, "attention": AttentionPlacement, "durations":
 
 
 class NoSpeech(nn.Module):
-    """Text alone: the model never reads speech features."""
+    """Text alone: the model never reads speech features (a placement that reads none, the oracle, may
+    still put the text tokens on the unit clock)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        placement = PLACEMENTS[cfg.unit_alignment]
+        self.placement = placement(cfg) if not placement.reads_speech else None
 
     def prefix(self, text, batch):
         return text, {}
 
     def unit_inputs(self, prefix, batch, steps):
-        return None
+        return None if self.placement is None else self.placement(prefix, batch, steps, self)
 
 
 class TokenSpeech(nn.Module):

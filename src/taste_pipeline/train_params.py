@@ -19,7 +19,7 @@ from .params import load as _load
 # The parts a variant is made of (``model.SPEECH``, ``SQUEEZES``, ``PLACEMENTS``; a test keeps them equal).
 SPEECH = ("none", "tokens", "frames")
 SQUEEZES = ("none", "rvq")
-UNIT_ALIGNMENTS = ("none", "attention", "durations")
+UNIT_ALIGNMENTS = ("none", "attention", "durations", "oracle")
 SPEAKERS = ("none", "embedding")
 AGG_INITS = ("whisper", "fresh")
 
@@ -59,7 +59,9 @@ class ModelArgs:
     # speech says each token is. "durations": the same, coded per token — each token's span is the
     # number of frames the attention gives it (at most DURATION_MAX), the tokens laid end to end in text
     # order; squeeze rvq sends that count as one more code per token (8 bits), so its codes alone decode.
-    # "none": the decoder finds its place in the text itself (TASTE).
+    # "none": the decoder finds its place in the text itself (TASTE). "oracle" (speech tokens or none):
+    # the tokens laid end to end by their true durations (the corpus's word timings, each word's frames
+    # split over its tokens by their characters): what timing alone can give, an analysis, not a tokenizer.
     unit_alignment: str = "none"
     # What the decoder is told of the voice: embedding (TASTE, CosyVoice's LM: the utterance's speaker
     # embedding, the speaker stage's, as its first input, before the text) or none. Every variant gets it
@@ -104,6 +106,8 @@ class ModelArgs:
             if getattr(self, name) not in allowed:
                 raise ParamError(f"train.{name}: {getattr(self, name)!r} is not one of {list(allowed)}")
 
+        if self.unit_alignment == "oracle" and self.speech == "frames":
+            raise ParamError("train.unit_alignment: oracle places text tokens; train.speech frames has the time of every frame")
         if self.squeeze != "none" and self.speech != "tokens":
             raise ParamError(f"train.squeeze: {self.squeeze!r} squeezes token vectors; train.speech is {self.speech!r}")
 

@@ -1,0 +1,105 @@
+"""The anatomy of the gap between text alone and the Whisper frames: how much is the voice, how much is
+timing, how much is left for text-rate tokens. One `dvc exp run` per seed trains the default variants
+plus those below (all in one evaluate, so every row shares the test split and the controls), then a
+table of test NLL (mean ± sd over seeds) and shares of the gap.
+
+    python scripts/anatomy.py 1 2 1337           # run one experiment per seed, then report
+    python scripts/anatomy.py --report-only      # report experiments named anatomy-seed-*
+    python scripts/anatomy.py 1337 --set s3.source=standin:kmeans --prefix anatomy-logmel-
+                                                 # the same on the other kind of stand-in targets
+
+Rows (every decoder told the speaker unless the row says not; the default's text_only, taste, taste_rvq
+and speech_frames are the baseline, TASTE, its tokenizer and the topline):
+- text_only_nospk: text alone, no speaker embedding
+- text_oracle_nospk: text alone laid on the unit clock by the true token durations (the synthesizer's
+  word timings, ``unit_alignment: oracle``), no speaker embedding
+- text_oracle: the same with the speaker embedding (voice and timing)
+- taste_dur, taste_dur_rvq: TASTE with the tokens' durations read off the aggregator's attention and
+  coded (``unit_alignment: durations``)
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+
+EXTRA = {
+    "train.variants.text_only_nospk": "{speech: none, speaker: none}",
+    "train.variants.text_oracle_nospk": "{speech: none, unit_alignment: oracle, speaker: none}",
+    "train.variants.text_oracle": "{speech: none, unit_alignment: oracle}",
+    "train.variants.taste_dur": "{speech: tokens, unit_alignment: durations}",
+    "train.finetune.taste_dur_rvq": "{squeeze: rvq, init: taste_dur, lr: 0.0005, epochs: 4, warmup_steps: 50, "
+                                    "unit_alignment: durations}",
+}
+# (row label, eval.json prefix: "" is the headline, taste)
+ROWS = [("text alone, no speaker", "text_only_nospk_"), ("text + speaker (the baseline)", "text_only_"),
+        ("text + true durations, no speaker", "text_oracle_nospk_"), ("text + speaker + true durations", "text_oracle_"),
+        ("taste (speaker)", ""), ("taste_rvq (speaker)", "taste_rvq_"),
+        ("taste + durations (speaker)", "taste_dur_"), ("taste_rvq + durations (speaker)", "taste_dur_rvq_"),
+        ("topline: Whisper frames (speaker)", "speech_frames_")]
+PREFIX = "anatomy-seed-"
+
+
+def run(seed: int, prefix: str, more: list[str]) -> None:
+    sets = [x for k, v in EXTRA.items() for x in ("-S", f"+{k}={v}")] + [x for m in more for x in ("-S", m)]
+    subprocess.run(["dvc", "exp", "run", "--temp", *sets, "-S", f"train.seed={seed}", "--name", f"{prefix}{seed}"],
+                   check=True)
+
+
+def experiments(prefix: str) -> dict[int, dict]:
+    out = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], check=True, capture_output=True, text=True).stdout)
+    runs = {}
+    for rev in out:
+        for exp in rev.get("experiments") or []:
+            for e in exp.get("revs", []):
+                name = e.get("name") or ""
+                if not name.startswith(prefix) or not name[len(prefix):].isdigit():
+                    continue
+                data = e.get("data") or {}
+                metrics = ((data.get("metrics") or {}).get("metrics/eval.json") or {}).get("data") or {}
+                if metrics:
+                    runs.setdefault(int(name[len(prefix):]), {**metrics, "rev": data.get("rev", "")})
+    return runs
+
+
+def fmt(xs: list[float]) -> str:
+    return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.4f}"
+
+
+def report(runs: dict[int, dict], prefix: str) -> None:
+    seeds = sorted(runs)
+    if not seeds:
+        print(f"no experiments named {prefix}*")
+        return
+    nll = {label: [runs[s][f"{p}nll"] for s in seeds] for label, p in ROWS if all(f"{p}nll" in runs[s] for s in seeds)}
+    base, top = nll["text + speaker (the baseline)"], nll["topline: Whisper frames (speaker)"]
+    full = nll["text alone, no speaker"]
+    print(f"seeds {seeds}; targets {runs[seeds[0]].get('targets')}; experiments {[runs[s]['rev'][:7] for s in seeds]}")
+    print("| row | test NLL (nats/unit) | share of the gap text+speaker -> topline | bits/s |")
+    print("|---|---|---|---|")
+    for label, p in ROWS:
+        if label not in nll:
+            continue
+        share = [(b - x) / (b - t) for x, b, t in zip(nll[label], base, top)]
+        bps = runs[seeds[0]].get(f"{p}bitrate_bps")
+        print(f"| {label} | {fmt(nll[label])} | {100 * statistics.mean(share):.1f} % ± "
+              f"{100 * (statistics.stdev(share) if len(share) > 1 else 0):.1f} | {'' if bps is None else round(bps)} |")
+    voice = [(f - b) / (f - t) for f, b, t in zip(full, base, top)]
+    print(f"voice: the speaker embedding takes {100 * statistics.mean(voice):.1f} % of the gap text alone -> topline")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("seeds", nargs="*", type=int)
+    ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--prefix", default=PREFIX, help="experiment names: <prefix><seed>")
+    ap.add_argument("--set", action="append", default=[], help="another param for every run (key=value)")
+    args = ap.parse_args()
+    if not args.report_only:
+        for s in args.seeds:
+            run(s, args.prefix, args.set)
+    report(experiments(args.prefix), args.prefix)
+
+
+if __name__ == "__main__":
+    main()
