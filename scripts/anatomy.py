@@ -46,8 +46,9 @@ def run(seed: int, prefix: str, more: list[str]) -> None:
                    check=True)
 
 
-def experiments(prefix: str) -> dict[int, dict]:
-    out = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], check=True, capture_output=True, text=True).stdout)
+def experiments(prefix: str, all_commits: bool = False) -> dict[int, dict]:
+    cmd = ["dvc", "exp", "show", "--json"] + (["--all-commits"] if all_commits else [])
+    out = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
     runs = {}
     for rev in out:
         for exp in rev.get("experiments") or []:
@@ -94,11 +95,13 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--prefix", default=PREFIX, help="experiment names: <prefix><seed>")
     ap.add_argument("--set", action="append", default=[], help="another param for every run (key=value)")
+    ap.add_argument("--all-commits", action="store_true", help="also experiments based on earlier commits (only "
+                    "when no dependency of the pipeline changed since: `git diff A B -- dvc.yaml params.yaml stages src`)")
     args = ap.parse_args()
     if not args.report_only:
         for s in args.seeds:
             run(s, args.prefix, args.set)
-    report(experiments(args.prefix), args.prefix)
+    report(experiments(args.prefix, args.all_commits), args.prefix)
 
 
 if __name__ == "__main__":

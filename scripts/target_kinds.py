@@ -12,7 +12,6 @@ How well text predicts a kind is a training: `dvc exp run -S s3.source=standin:w
 
 import argparse
 import json
-import platform
 import subprocess
 import tempfile
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from taste_pipeline import audio, corpus, params, s3, tables, targets
+from taste_pipeline import audio, corpus, hardware, params, s3, tables, targets
 
 
 def kinds(whisper_model: str, blocks: list[int]) -> dict[str, object]:
@@ -88,7 +87,7 @@ def main() -> None:
         }
         print(name, json.dumps(results[name]), flush=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    report = {"commit": commit, "cpu": platform.processor() or platform.machine(),
+    report = {"commit": commit, "cpu": hardware.cpu_description(),
               "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "precision": "float64",
               "voices": syn.test_voices, "sentences": len(pairs), "fitted_on": str(train_m), "kinds": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
