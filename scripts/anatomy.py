@@ -52,6 +52,8 @@ def experiments(prefix: str, all_commits: bool = False) -> dict[int, dict]:
     runs = {}
     for rev in out:
         for exp in rev.get("experiments") or []:
+            if (exp.get("executor") or {}).get("state") not in (None, "success"):
+                continue  # still running, queued or failed: it shows the workspace's metrics
             for e in exp.get("revs", []):
                 name = e.get("name") or ""
                 if not name.startswith(prefix) or not name[len(prefix):].isdigit():
