@@ -123,10 +123,11 @@ class Train(ModelArgs):
     parts: the baseline is the variant with ``speech: none``, the topline one with ``speech: frames``.
     """
 
-    variants: dict = field(default_factory=lambda: {"taste": {"speech": "tokens"}, "text_only": {"speech": "none"},
-                                                    "speech_frames": {"speech": "frames"}})
+    variants: dict = field(default_factory=lambda: {"taste": {"speech": "tokens", "unit_alignment": "durations"},
+                                                    "text_only": {"speech": "none"}, "speech_frames": {"speech": "frames"}})
     finetune: dict = field(default_factory=lambda: {"taste_rvq": {"squeeze": "rvq", "init": "taste", "lr": 0.0005,
-                                                                  "epochs": 4, "warmup_steps": 50}})
+                                                                  "epochs": 4, "warmup_steps": 50,
+                                                                  "unit_alignment": "durations"}})
     lr: float = 1e-3
     epochs: int = 10
     batch_size: int = 16
