@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .tables import SAMPLE_RATE, SAMPLES_PER_FRAME
-
-FRAME_S = SAMPLES_PER_FRAME / SAMPLE_RATE
+from .alignment import FRAME_S
 
 
 def mean_run_length(units: list[np.ndarray]) -> float:
