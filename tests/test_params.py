@@ -1,13 +1,15 @@
 import pytest
 import yaml
 
-from taste_pipeline import params, train_params
+from taste_pipeline import params, train_params, vocoder
 
-SECTIONS = {**params.SECTIONS, **train_params.SECTIONS}
+SECTIONS = {**params.SECTIONS, **train_params.SECTIONS, **vocoder.SECTIONS}
 
 
 def load(section, path):
     """Any section, from whichever module holds it (as the stage scripts do)."""
+    if section in vocoder.SECTIONS:
+        return vocoder.load_params(path)
     return (train_params if section in train_params.SECTIONS else params).load(section, path)
 
 
@@ -49,6 +51,9 @@ def test_repo_params_load(monkeypatch):
     ("train", {"amp": "fp8"}, "train.amp"),
     ("train", {"amp": 1}, "train.amp"),
     ("train", {"device": "cuda:x"}, "train.device"),
+    ("vocoder", {"kernel": 4}, "vocoder.kernel"),
+    ("vocoder", {"epochs": 0}, "vocoder.epochs"),
+    ("evaluate", {"listen_utterances": 40, "rebuild_utterances": 32}, "evaluate.listen_utterances"),
     ("synthesize", {"pause_prob": 2.0, "train_voices": ["en"], "test_voices": ["en-us"]}, "synthesize.pause_prob"),
 ])
 def test_bad_values_name_the_param(tmp_path, section, doc, match):

@@ -41,7 +41,8 @@ def repo(tmp_path_factory):
                                 "taste_rvq": {"squeeze": "rvq", "init": "taste", "epochs": 1}},
                       device="auto")  # resolved in train and in evaluate (cpu here, cuda where there is one)
     p["s3"].update(device="auto")
-    p["evaluate"].update(attention_utterances=1, free_utterances=2)
+    p["evaluate"].update(attention_utterances=1, free_utterances=2, rebuild_utterances=2, listen_utterances=1)
+    p["vocoder"].update(d_model=16, n_layers=1, epochs=1, griffin_lim_iters=4)
     (repo / "params.yaml").write_text(yaml.safe_dump(p))
     _run(["git", "init", "-q"], repo)
     _run(["dvc", "init", "-q"], repo)
@@ -88,6 +89,20 @@ def test_metrics_and_plots(repo):
     assert m["align_utterances"] == 3 and m["align_skipped"] == 0
     for prefix in ("align_", "align_uniform_"):
         assert 0 <= m[prefix + "frame_acc"] <= 1 and m[prefix + "boundary_ms_median"] >= 0
+    # Speech rebuilt from units: the transcriber's floor (the original audio), the vocoder's ceiling (the
+    # true units) and every variant's free-running units, scored alike; the listening set as audio.
+    assert m["rebuilt_utterances"] == 2 and 0 <= m["original_wer"]
+    for prefix in ("true_units_", "", "text_only_", "speech_frames_", "taste_rvq_"):
+        assert m[prefix + "rebuilt_wer"] >= 0 and -1 <= m[prefix + "rebuilt_speaker_sim"] <= 1, prefix
+        assert prefix + "rebuilt_duration_corr" in m
+    assert "rebuilt_wer_gap_closed" in m and "text_only_rebuilt_wer_gap_closed" not in m
+    listen = json.loads((repo / "plots/listen/index.json").read_text())
+    assert len(listen) == 1 and {e["source"] for e in listen[0]["sources"]} >= {"original", "true_units", "taste", "text_only"}
+    import soundfile as sf
+
+    for e in listen[0]["sources"]:
+        info = sf.info(str(repo / "plots/listen" / e["file"]))
+        assert info.samplerate == 16000 and info.frames / 16000 == pytest.approx(e["seconds"])
     assert len(list((repo / "plots/eval/units").glob("*.png"))) == 1
     for png in ("per_position.png", "loss_curves.png"):
         assert (repo / "plots/eval" / png).stat().st_size > 1000
@@ -136,15 +151,20 @@ def test_a_finetuned_variant_runs_after_the_one_it_starts_from(repo):
 
 def test_the_plots_page_works_offline_with_each_plot_once(repo):
     """scripts/plots_page.py: no script from the network; in headless Chromium (when installed) every
-    vega plot draws and every PNG is shown once."""
+    vega plot draws, every PNG is shown once and every audio of the listening table loads, as long as its file."""
+    import json
     import sys
 
     out = _run([sys.executable, "scripts/plots_page.py", "-o", "page"] + (["--check"] if _chromium() else []), repo)
     html = (repo / "page" / "index.html").read_text()
     assert "cdn.jsdelivr" not in html and 'src="http' not in html
     assert "vegaEmbed" in html
+    sources = json.loads((repo / "plots/listen/index.json").read_text())[0]["sources"]
+    assert html.count("<audio") == len(sources) and "listening table" in out
+    for e in sources:
+        assert (repo / "page/listen" / e["file"]).stat().st_size > 44
     if _chromium():
-        assert "every plot drew, each PNG once" in out, out
+        assert "every plot drew, each PNG once, every audio loaded" in out, out
 
 
 def _chromium():

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import alignment, checkpoint, data, metrics, tables, train
+from . import alignment, checkpoint, data, metrics, rebuild, tables, train
 from .tables import atomic_path
 
 
@@ -117,11 +117,15 @@ def quantizer_metrics(model, test, batch_size: int, device: str, buffer_rows: in
 def run(test_files: dict, train_s3: str, model_dirs: dict[str, str], text_model: str, seed: int,
         batch_size: int, attention_utterances: int, metrics_path: str, plots_dir: str, device: str = "cpu",
         buffer_rows: int = 0, train_codes: dict[str, str] | None = None, free_utterances: int = 64,
-        free_top_k: int | None = 25, words_path: str | None = None) -> dict:
+        free_top_k: int | None = 25, words_path: str | None = None, rebuild_args: dict | None = None,
+        listen_dir: str | None = None) -> dict:
     """``train_codes``: variant -> its tokenize table of the train split (dead codes). Free-running
     scores are over ``free_utterances`` test utterances spread over the split, sampled with
     ``free_top_k`` (greedy decoding of 50 Hz units loops on a repeated unit and never ends). With
-    ``words_path`` (true word timings) the headline's alignment is scored (``alignment_scores``)."""
+    ``words_path`` (true word timings) the headline's alignment is scored (``alignment_scores``). With
+    ``rebuild_args`` (``vocoder_dir``, ``griffin_lim_iters``, ``asr_model``, ``utterances``, ``listen``)
+    the first ``utterances`` of the free-running set are rebuilt as speech and scored (``rebuild.run``),
+    the first ``listen`` of them written to ``listen_dir`` (default: ``plots_dir``/listen)."""
     from . import hardware
     from . import text as text_mod
 
@@ -165,15 +169,31 @@ def run(test_files: dict, train_s3: str, model_dirs: dict[str, str], text_model:
     durations = tables.read_manifest(test_files["manifest_path"]).column("duration").to_numpy()
     tokens_per_s = sum(test.num_text_tokens(i) for i in range(len(test))) / float(np.sum(durations))
     free = data.Subset(test, spread(len(test), free_utterances))
+    generated = {}
     for name, (model, _) in models.items():
         gen = generate_all(model, free, batch_size, device, buffer_rows, free_top_k, seed)
+        generated[name] = [g for g, _ in gen]
         scores[name].update({f"free_{k}": v for k, v in metrics.free_running(
             [g for g, _ in gen], [test.units(i) for i in free.indices], [c for _, c in gen]).items()})
         if model.squeeze is not None and model.squeeze.levels:
             scores[name].update(quantizer_metrics(model, test, batch_size, device, buffer_rows, tokens_per_s,
                                                   (train_codes or {}).get(name)))
+    rebuilt = {}
+    if rebuild_args:
+        a = rebuild_args
+        picked = spread(len(free.indices), a["utterances"])
+        rebuilt, _ = rebuild.run(test, [free.indices[k] for k in picked],
+                                 {n: [g[k] for k in picked] for n, g in generated.items()},
+                                 test_files["manifest_path"], a["vocoder_dir"], a["griffin_lim_iters"], a["asr_model"],
+                                 a["listen"], listen_dir or plots / "listen")
+        for name in models:
+            scores[name].update({f"rebuilt_{k}": v for k, v in rebuilt[name].items()})
     for name in [n for n in models if n not in (baseline, topline)] + ["shuffled_speech"]:
         scores[name].update(metrics.gap_metrics(scores[name], scores[baseline], scores[topline] if topline else None))
+    for name in [n for n in models if n != baseline] if rebuilt else []:
+        # Share of the WER gap between text alone and the vocoder's ceiling (the true units) closed.
+        span = rebuilt[baseline]["wer"] - rebuilt["true_units"]["wer"]
+        scores[name]["rebuilt_wer_gap_closed"] = (rebuilt[baseline]["wer"] - rebuilt[name]["wer"]) / span if span else float("nan")
     for name, nll in swap_nll.items():
         scores[name].update({"speaker_swap_nll": nll, "speaker_swap_delta_nll": nll - scores[name]["nll"]})
     # The headline is unprefixed; every other variant and the controls get their name as prefix.
@@ -182,6 +202,11 @@ def run(test_files: dict, train_s3: str, model_dirs: dict[str, str], text_model:
         result.update({f"{name}_{k}": v for k, v in scores[name].items()})
     for name in ("copy_prev", "most_frequent"):
         result.update({f"{name}_{k}": v for k, v in scores[name].items() if k != "nll"})
+    if rebuilt:
+        # The vocoder's ceiling (true units) and the transcriber's floor (the original audio).
+        result.update({f"true_units_rebuilt_{k}": v for k, v in rebuilt["true_units"].items()})
+        result["original_wer"] = rebuilt["original"]["wer"]
+        result["rebuilt_utterances"] = min(len(free.indices), rebuild_args["utterances"])
     repeats = np.concatenate([u[1:] == u[:-1] for u in units])
     result.update({"targets": meta["targets"], "num_utterances": len(test), "unit_repeat_rate": float(repeats.mean()),
                    "text_tokens_per_s": tokens_per_s, "free_utterances": len(free.indices),

