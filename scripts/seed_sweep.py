@@ -41,9 +41,9 @@ def experiments(all_commits: bool = False) -> dict[str, dict]:
 
 
 SYSTEM_METRICS = ("top1_acc", "change_top1_acc", "nll", "free_uer", "free_length_error", "free_no_end",
-                  "speaker_swap_delta_nll")
+                  "speaker_swap_delta_nll", "rebuilt_wer", "rebuilt_duration_corr", "rebuilt_speaker_sim")
 GAP_METRICS = ("speech_bits_per_s", "gap_closed_nll", "gap_closed_top1_acc", "gap_closed_change_top1_acc",
-               "bitrate_bps", "dead_code_share")
+               "bitrate_bps", "dead_code_share", "rebuilt_wer_gap_closed")
 
 
 def mean_sd(xs: list[float]) -> tuple[float, float]:
@@ -59,11 +59,11 @@ def summarize(runs: dict[str, dict]) -> dict:
         by_seed.setdefault(r["seed"], r)
     rows = [by_seed[s] for s in sorted(by_seed)]
     systems = {"speech_frames": "speech_frames_", "taste": "", "taste_rvq": "taste_rvq_", "text_only": "text_only_",
-               "shuffled_speech": "shuffled_speech_"}
+               "shuffled_speech": "shuffled_speech_", "true_units": "true_units_"}
     table = {}
     for name, p in systems.items():
         got = {m: mean_sd([r[p + m] for r in rows]) for m in SYSTEM_METRICS if all(p + m in r for r in rows)}
-        if "nll" in got:
+        if got:  # the true units have only the rebuilt speech's scores
             table[name] = got
     gaps = {}
     for name in ("taste", "taste_rvq", "shuffled_speech"):
@@ -79,7 +79,8 @@ def summarize(runs: dict[str, dict]) -> dict:
             controls[(ctrl, m)] = {"per_seed": xs, "mean_sd": mean_sd(xs)}
     return {"seeds": sorted(by_seed), "targets": rows[0].get("targets"), "num_utterances": rows[0].get("num_utterances"),
             "systems": table, "gaps": gaps, "controls": controls,
-            "copy_prev_top1_acc": mean_sd([r["copy_prev_top1_acc"] for r in rows])}
+            "copy_prev_top1_acc": mean_sd([r["copy_prev_top1_acc"] for r in rows]),
+            "original_wer": mean_sd([r["original_wer"] for r in rows]) if all("original_wer" in r for r in rows) else None}
 
 
 def report(runs: dict[str, dict]) -> None:
@@ -92,6 +93,8 @@ def report(runs: dict[str, dict]) -> None:
         if any(m in s["systems"][n] for n in names):
             print(f"| {m} | " + " | ".join(fmt(s["systems"][n][m]) if m in s["systems"][n] else "" for n in names) + " |")
     print(f"copy_prev top1_acc: {fmt(s['copy_prev_top1_acc'])}")
+    if s["original_wer"]:
+        print(f"WER of the original audio (the transcriber's floor): {fmt(s['original_wer'])}")
     for (name, m), g in s["gaps"].items():
         print(f"{name} {m}, per seed: {[round(x, 4) for x in g['per_seed']]}  mean {fmt(g['mean_sd'])}")
     for (ctrl, m), g in s["controls"].items():

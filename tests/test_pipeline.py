@@ -93,8 +93,11 @@ def test_metrics_and_plots(repo):
     # true units) and every variant's free-running units, scored alike; the listening set as audio.
     assert m["rebuilt_utterances"] == 2 and 0 <= m["original_wer"]
     for prefix in ("true_units_", "", "text_only_", "speech_frames_", "taste_rvq_"):
-        assert m[prefix + "rebuilt_wer"] >= 0 and -1 <= m[prefix + "rebuilt_speaker_sim"] <= 1, prefix
-        assert prefix + "rebuilt_duration_corr" in m
+        # A variant this small may say END at once: no audio, no voice to compare (null, never NaN).
+        sim, corr = m[prefix + "rebuilt_speaker_sim"], m[prefix + "rebuilt_duration_corr"]
+        assert m[prefix + "rebuilt_wer"] >= 0 and (sim is None or -1 <= sim <= 1), prefix
+        assert corr is None or -1 <= corr <= 1, prefix
+    assert m["true_units_rebuilt_speaker_sim"] is not None and m["true_units_rebuilt_duration_corr"] == pytest.approx(1)
     assert "rebuilt_wer_gap_closed" in m and "text_only_rebuilt_wer_gap_closed" not in m
     listen = json.loads((repo / "plots/listen/index.json").read_text())
     assert len(listen) == 1 and {e["source"] for e in listen[0]["sources"]} >= {"original", "true_units", "taste", "text_only"}

@@ -49,3 +49,21 @@ def test_taste_rvq_and_free_running_count_only_when_every_run_has_them():
     del runs["2"]["taste_rvq_free_uer"]
     assert "free_uer" not in _sweep().summarize(runs)["systems"]["taste_rvq"]
     assert "free_uer" in _sweep().summarize(runs)["systems"]["taste"]
+
+
+def test_the_rebuilt_speech_scores_and_the_true_units_row():
+    runs = {}
+    for seed, wer in ((1, 1.1), (2, 1.3), (3, 1.2)):
+        r = _run(seed, 2.4, 0.1)
+        for prefix, w in (("", wer), ("text_only_", 1.2), ("true_units_", 0.8)):
+            r.update({prefix + "rebuilt_wer": w, prefix + "rebuilt_duration_corr": 0.9, prefix + "rebuilt_speaker_sim": 0.7})
+        r.update({"rebuilt_wer_gap_closed": (1.2 - wer) / 0.4, "original_wer": 0.5})
+        runs[str(seed)] = r
+    s = _sweep().summarize(runs)
+    assert s["systems"]["true_units"] == {"rebuilt_wer": (0.8, 0.0), "rebuilt_duration_corr": (0.9, 0.0),
+                                          "rebuilt_speaker_sim": (0.7, 0.0)}
+    assert s["systems"]["taste"]["rebuilt_wer"] == pytest.approx((1.2, 0.1))
+    assert s["gaps"][("taste", "rebuilt_wer_gap_closed")]["per_seed"] == pytest.approx([0.25, -0.25, 0.0])
+    assert s["original_wer"] == (0.5, 0.0)
+    del runs["3"]["original_wer"]
+    assert _sweep().summarize(runs)["original_wer"] is None

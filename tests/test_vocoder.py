@@ -35,7 +35,7 @@ def test_griffin_lim_is_deterministic_and_gives_the_mel_length():
     mel = V.log_mel(audio, 25)
     gl = V.GriffinLim(iters=4)
     a, b = gl(mel), gl(mel)
-    assert np.array_equal(a, b) and abs(len(a) - 50 * V.MEL["hop_length"]) <= V.MEL["hop_length"]
+    assert np.array_equal(a, b) and len(a) == 50 * V.MEL["hop_length"]
     assert np.abs(a).max() <= 1.0
     # The rebuilt tone is still a 220 Hz tone.
     spec = np.abs(np.fft.rfft(a))
@@ -62,7 +62,9 @@ def test_training_is_deterministic_and_saves_a_loadable_checkpoint(tmp_path):
         assert torch.equal(x, y), k
     r = V.Rebuilder(tmp_path / "a", griffin_lim_iters=2)
     wav = r(np.array([1, 2, 3, 4]), np.zeros(8, np.float32))
-    assert wav.dtype == np.float32 and abs(len(wav) - 4 * 320) <= V.MEL["hop_length"]
+    assert wav.dtype == np.float32 and len(wav) == 4 * 320
+    # One unit (a free-running decoder may say END at once) is 20 ms of audio, not a failure.
+    assert len(r(np.array([5]), np.zeros(8, np.float32))) == 320
     assert len(r(np.zeros(0, np.int64), np.zeros(8, np.float32))) == 0
 
 

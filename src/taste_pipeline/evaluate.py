@@ -15,10 +15,21 @@ from . import alignment, checkpoint, data, metrics, rebuild, tables, train
 from .tables import atomic_path
 
 
+def _finite(obj):
+    """JSON has no NaN: a score that is undefined (no speech to compare, a gap of zero) is written as null."""
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def _write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+        tmp.write_text(json.dumps(_finite(obj), indent=2, allow_nan=False) + "\n")
 
 
 @torch.no_grad()

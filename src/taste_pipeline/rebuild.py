@@ -105,15 +105,15 @@ class Transcriber:
 def score(rebuilt: dict[str, list[np.ndarray]], refs: list[str], original_s: list[float],
           original_emb: list[np.ndarray], transcribe, embed, rate: int = 16000) -> tuple[dict, dict]:
     """Per source (name -> its audio for each utterance, in the order of ``refs``): ``wer``,
-    ``duration_corr`` and ``speaker_sim`` (mean cosine of its embedding to the original's). Returns the
-    scores and the transcripts."""
+    ``duration_corr`` and ``speaker_sim`` (mean cosine of its embedding to the original's, over the
+    utterances it gave any audio; nan if none). Returns the scores and the transcripts."""
     from tqdm import tqdm
 
     scores, transcripts = {}, {}
     for name, audios in rebuilt.items():
         hyps = [transcribe(a) for a in tqdm(audios, desc=f"rebuild: transcribe {name}", unit="utt")]
         transcripts[name] = hyps
-        sims = [cosine(embed(a), e) for a, e in zip(audios, original_emb) if len(a) >= rate // 10]
+        sims = [cosine(embed(a), e) for a, e in zip(audios, original_emb) if len(a)]  # no speech, no voice
         scores[name] = {"wer": wer(refs, hyps),
                         "duration_corr": duration_corr([len(a) / rate for a in audios], original_s),
                         "speaker_sim": float(np.mean(sims)) if sims else float("nan")}

@@ -29,6 +29,7 @@ MODEL_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 MEL = {"sample_rate": tables.SAMPLE_RATE, "n_fft": 1024, "hop_length": 160, "n_mels": 80}
 UPSAMPLE = tables.SAMPLES_PER_FRAME // MEL["hop_length"]
 LOG_FLOOR = 1e-5
+MIN_FRAMES = 2 + MEL["n_fft"] // MEL["hop_length"]  # the shortest mel Griffin-Lim's STFT can pad
 
 
 @dataclass(frozen=True)
@@ -152,8 +153,12 @@ class GriffinLim:
     @torch.no_grad()
     def __call__(self, mel: np.ndarray | torch.Tensor) -> np.ndarray:
         mel = torch.as_tensor(mel, dtype=torch.float32)
-        spec = self.inverse(mel.exp().T).clamp(min=0)
-        wav = self.gl(spec)
+        frames = len(mel)
+        # Silence after the end: Griffin-Lim's STFT pads by half a window (needs > 512 samples), and the
+        # waveform then spans every frame (frames x hop samples, units x 20 ms) before it is cut there.
+        pad = mel.new_full((max(1, MIN_FRAMES - frames), mel.shape[1]), math.log(LOG_FLOOR))
+        spec = self.inverse(torch.cat([mel, pad]).exp().T).clamp(min=0)
+        wav = self.gl(spec)[: frames * MEL["hop_length"]]
         return (wav / max(1.0, float(wav.abs().max()))).numpy()  # never clip
 
 
