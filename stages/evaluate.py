@@ -37,7 +37,8 @@ def main() -> None:
     variants = [*tr.variants, *tr.finetune]
     voc = vocoder.load_params()
     rebuild = {"vocoder_dir": args.vocoder, "griffin_lim_iters": voc.griffin_lim_iters, "asr_model": p.asr_model,
-               "utterances": p.rebuild_utterances, "listen": p.listen_utterances} if args.vocoder else None
+               "utterances": p.rebuild_utterances, "listen": p.listen_utterances,
+               "asr_window_s": p.asr_window_s} if args.vocoder else None
     result = evaluate.run(files, args.train_s3, {v: f"{args.models_dir}/{v}" for v in variants}, t.model,
                           tr.seed, p.batch_size,
                           p.attention_utterances, args.metrics, args.plots_dir, tr.device, p.buffer_rows,

@@ -52,6 +52,7 @@ def test_repo_params_load(monkeypatch):
     ("train", {"amp": 1}, "train.amp"),
     ("train", {"device": "cuda:x"}, "train.device"),
     ("vocoder", {"kernel": 4}, "vocoder.kernel"),
+    ("evaluate", {"asr_window_s": 7}, "evaluate.asr_window_s"),
     ("vocoder", {"epochs": 0}, "vocoder.epochs"),
     ("evaluate", {"listen_utterances": 40, "rebuild_utterances": 32}, "evaluate.listen_utterances"),
     ("synthesize", {"pause_prob": 2.0, "train_voices": ["en"], "test_voices": ["en-us"]}, "synthesize.pause_prob"),

@@ -33,6 +33,9 @@ def test_the_wheel_transcriber_hears_espeak(tmp_path):
     t = rebuild.Transcriber()
     text = t(audio.resample(samples.astype(np.float32) / 32768, engine.sample_rate))
     assert rebuild.wer(["the cat sat on the mat"], [text]) <= 0.34, text
+    # The same sentence read through a 10 s window instead of Whisper's 30 s.
+    assert rebuild.wer(["the cat sat on the mat"], [rebuild.Transcriber(window_s=10)(audio.resample(
+        samples.astype(np.float32) / 32768, engine.sample_rate))]) <= 0.34
     assert t(np.zeros(0, np.float32)) == ""
 
 

@@ -103,6 +103,29 @@ def test_stages_write_named_targets(tiny_resampled, tmp_path):
     assert table.schema.metadata[b"targets"].decode() == info["name"] == s3.standin_name(8)
 
 
+def test_the_split_a_standin_was_fitted_on_takes_its_units_from_the_fit(tiny_resampled, tmp_path, capsys):
+    """The fit computed every feature of its split already: the s3 stage of that split (the same manifest)
+    reuses the units, and its table is byte for byte the one computing them again gives."""
+    import shutil
+
+    m = tiny_resampled / "manifest.parquet"
+    s3.prepare_tokenizer(s3.STANDIN, tmp_path / "tok", m, 8, 0)
+    assert set(s3.fitted_units(tmp_path / "tok", m)) == set(tables.read_manifest(m).column("utt_id").to_pylist())
+    s3.tokenize_split(m, tmp_path / "tok", tmp_path / "reused.parquet")
+    assert "units come from the fit" in capsys.readouterr().out
+    shutil.copytree(tmp_path / "tok", tmp_path / "bare")
+    (tmp_path / "bare" / s3.FITTED_FILE).unlink()
+    s3.tokenize_split(m, tmp_path / "bare", tmp_path / "computed.parquet")
+    assert "units come from the fit" not in capsys.readouterr().out
+    assert (tmp_path / "reused.parquet").read_bytes() == (tmp_path / "computed.parquet").read_bytes()
+    # Another manifest (here: the same rows, other bytes) is tokenized from its audio.
+    other = tmp_path / "other" / "manifest.parquet"
+    other.parent.mkdir()
+    t = tables.read_manifest(m)
+    tables.write_table(other, t.replace_schema_metadata({**(t.schema.metadata or {}), b"note": b"x"}), t.schema)
+    assert s3.fitted_units(tmp_path / "tok", other) is None
+
+
 AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
 

@@ -196,7 +196,7 @@ def run(test_files: dict, train_s3: str, model_dirs: dict[str, str], text_model:
         rebuilt, _ = rebuild.run(test, [free.indices[k] for k in picked],
                                  {n: [g[k] for k in picked] for n, g in generated.items()},
                                  test_files["manifest_path"], a["vocoder_dir"], a["griffin_lim_iters"], a["asr_model"],
-                                 a["listen"], listen_dir or plots / "listen")
+                                 a["listen"], listen_dir or plots / "listen", a.get("asr_window_s", 30))
         for name in models:
             scores[name].update({f"rebuilt_{k}": v for k, v in rebuilt[name].items()})
     for name in [n for n in models if n not in (baseline, topline)] + ["shuffled_speech"]:

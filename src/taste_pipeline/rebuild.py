@@ -9,6 +9,7 @@ normaliser on both sides), so their WERs differ only by the audio.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -72,9 +73,11 @@ def ct2_dir(name: str) -> Path:
 
 class Transcriber:
     """Whisper through CTranslate2 (float32, greedy, no timestamps): ~3x faster than transformers'
-    generate on these CPUs, and the wheel's tiny.en is in its format."""
+    generate on these CPUs, and the wheel's tiny.en is in its format. ``window_s`` < 30 feeds the encoder
+    only the whole windows the audio needs instead of 30 s (about 3x faster again for 5-10 s speech; on
+    32 test utterances of the original audio, WER 0.597 with 10 s against 0.571 with 30 s)."""
 
-    def __init__(self, name: str = EMBEDDED, threads: int = 0):
+    def __init__(self, name: str = EMBEDDED, threads: int = 0, window_s: int = 30):
         import ctranslate2
         from transformers import WhisperFeatureExtractor, WhisperTokenizerFast
 
@@ -86,6 +89,7 @@ class Transcriber:
         names = ["<|startoftranscript|>"] + (["<|en|>", "<|transcribe|>"] if self.model.is_multilingual else []) \
             + ["<|notimestamps|>"]
         self.prompt = self.tokenizer.convert_tokens_to_ids(names)
+        self.window_s = window_s
 
     def __call__(self, audio: np.ndarray) -> str:
         import ctranslate2
@@ -94,6 +98,9 @@ class Transcriber:
             return ""
         feats = self.extractor(np.asarray(audio, dtype=np.float32), sampling_rate=16000,
                                return_tensors="np").input_features
+        # The encoder reads the shortest whole number of windows that holds the audio (30 s: as trained).
+        seconds = self.window_s * max(1, math.ceil(len(audio) / 16000 / self.window_s))
+        feats = feats[:, :, : 100 * min(30, seconds)]
         # Whisper's own cap, 224 tokens per 30 s window, scaled to the audio: speech rebuilt from units that
         # say nothing can make greedy decoding loop on a phrase, which would otherwise run to 224 tokens.
         cap = min(224, 8 + int(224 / 30 * len(audio) / 16000))
@@ -122,7 +129,7 @@ def score(rebuilt: dict[str, list[np.ndarray]], refs: list[str], original_s: lis
 
 def run(test, indices: list[int], generated: dict[str, list[np.ndarray]], manifest_path: str | Path,
         vocoder_dir: str | Path, griffin_lim_iters: int, asr_model: str, listen: int,
-        listen_dir: str | Path) -> tuple[dict[str, dict], dict]:
+        listen_dir: str | Path, asr_window_s: int = 30) -> tuple[dict[str, dict], dict]:
     """Rebuilds and scores the test utterances ``indices`` of ``test`` (a ``data.Split`` read with its
     speaker table) from each source: ``original`` (the audio itself, the transcriber's floor),
     ``true_units`` (the vocoder's ceiling) and each variant's free-running units (``generated``: name ->
@@ -146,7 +153,7 @@ def run(test, indices: list[int], generated: dict[str, list[np.ndarray]], manife
     encoder = speaker.load(test.speaker_meta.get("speaker.source", speaker.RESEMBLYZER))
     refs = [r["text"] for r in rows]
     scores, hyps = score(sources, refs, [r["num_samples"] / tables.SAMPLE_RATE for r in rows], embs,
-                         Transcriber(asr_model), encoder.embed)
+                         Transcriber(asr_model, window_s=asr_window_s), encoder.embed)
     # The decoder's error on unseen voices in its own terms: log-mel L1 from the true units.
     transform = mel_transform()
     scores["true_units"]["mel_l1"] = float(np.mean([

@@ -282,10 +282,18 @@ class StandinUnits:
     @classmethod
     def fit(cls, audios: list[np.ndarray], units: int, seed: int, norm: str = "utterance",
             max_frames: int = 200_000, frames=None) -> "StandinUnits":
+        frames = frames or LogMel()
+        feats = [standin_features(a, norm, frames) for a in tqdm(audios, desc="stand-in features", leave=False)]
+        return cls.fit_features(feats, units, seed, norm, max_frames, frames)
+
+    @classmethod
+    def fit_features(cls, per_utterance: list[np.ndarray], units: int, seed: int, norm: str = "utterance",
+                     max_frames: int = 200_000, frames=None) -> "StandinUnits":
+        """``fit`` from each utterance's ``standin_features``, already computed."""
         from sklearn.cluster import KMeans
 
         frames = frames or LogMel()
-        feats = np.concatenate([standin_features(a, norm, frames) for a in tqdm(audios, desc="stand-in features", leave=False)])
+        feats = np.concatenate(per_utterance)
         # Mean and scale on the grid too: sums over all frames are where kernels differ most.
         mean, std = _on_grid(feats.mean(0)), _on_grid(feats.std(0)) + FEATURE_GRID
         x = (feats - mean) / std
@@ -295,12 +303,13 @@ class StandinUnits:
         order = np.argsort(km.cluster_centers_[:, 0], kind="stable")  # ids independent of k-means' labelling
         return cls(km.cluster_centers_[order], mean, std, norm, frames)
 
+    def units_of(self, feats: np.ndarray) -> np.ndarray:
+        """The units of one utterance's ``features``."""
+        x = torch.from_numpy((feats - self.mean) / self.std)
+        return torch.cdist(x, self.centroids).argmin(1).numpy().astype(np.int32)
+
     def tokenize(self, audios: list[np.ndarray]) -> list[np.ndarray]:
-        out = []
-        for a in audios:
-            x = torch.from_numpy((self.features(a) - self.mean) / self.std)
-            out.append(torch.cdist(x, self.centroids).argmin(1).numpy().astype(np.int32))
-        return out
+        return [self.units_of(self.features(a)) for a in audios]
 
     def save(self, path: str | Path) -> None:
         from safetensors.numpy import save_file
@@ -333,6 +342,28 @@ class StandinUnits:
 
 STANDIN_FILE = "standin_kmeans.safetensors"
 INFO_FILE = "tokenizer.json"
+# The units of the split a stand-in was fitted on, from the features the fit computed: the s3 stage of
+# that split (the same manifest, byte for byte) takes them instead of computing every feature again.
+FITTED_FILE = "fitted_units.parquet"
+
+
+def _sha256(path: str | Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def fitted_units(model_dir: str | Path, manifest_path: str | Path) -> dict[str, np.ndarray] | None:
+    """utt_id -> units, when ``model_dir``'s stand-in was fitted on exactly this manifest; else None."""
+    from . import tables
+
+    path = Path(model_dir) / FITTED_FILE
+    if not path.exists():
+        return None
+    t = tables.read_s3(path)
+    if (t.schema.metadata or {}).get(b"manifest_sha256", b"").decode() != _sha256(manifest_path):
+        return None
+    return {u: np.asarray(x, dtype=np.int32) for u, x in zip(t.column("utt_id").to_pylist(), t.column("tokens").to_pylist())}
 
 
 def prepare_tokenizer(source: str, out_dir: str | Path, train_manifest: str | Path, units: int, seed: int,
@@ -347,11 +378,18 @@ def prepare_tokenizer(source: str, out_dir: str | Path, train_manifest: str | Pa
         manifest_path = Path(train_manifest)
         rows = tables.read_manifest(manifest_path).to_pylist()
         frames = WhisperLayer(whisper_model, layer) if source == STANDIN_WHISPER else LogMel()
-        tok = StandinUnits.fit([audio.load_utterance(manifest_path.parent, r) for r in rows], units, seed, norm,
-                               frames=frames)
+        feats = [standin_features(audio.load_utterance(manifest_path.parent, r), norm, frames)
+                 for r in tqdm(rows, desc="stand-in features", leave=False)]
+        tok = StandinUnits.fit_features(feats, units, seed, norm, frames=frames)
         tok.save(out_dir / STANDIN_FILE)
+        codes = [tok.units_of(f) for f in feats]
+        tables.write_table(out_dir / FITTED_FILE, {"utt_id": [r["utt_id"] for r in rows],
+                                                   "num_tokens": [len(c) for c in codes],
+                                                   "tokens": [c.tolist() for c in codes]}, tables.S3,
+                           {"targets": tok.name, "vocab_size": str(tok.vocab_size),
+                            "manifest_sha256": _sha256(manifest_path)})
         info = {"name": tok.name, "kind": "standin", "file": STANDIN_FILE, "vocab_size": tok.vocab_size,
-                "fitted_on": str(manifest_path)}
+                "fitted_on": str(manifest_path), "fitted_units": FITTED_FILE}
     else:
         path = fetch(source, out_dir)
         info = {"name": S3_NAME, "kind": "s3", "file": path.name, "vocab_size": S3_CODES, "source": source}
@@ -388,8 +426,12 @@ def tokenize_split(manifest_path: str | Path, model_dir: str | Path, out_path: s
         if ranks.rank == 0:
             print(f"s3.dtype: {dtype} (encoder; codebook search float32)")
 
+    fitted = fitted_units(model_dir, manifest_path) if isinstance(tok, StandinUnits) else None
+    if fitted is not None and ranks.rank == 0:
+        print(f"{manifest_path}: the stand-in was fitted on this split; its units come from the fit")
+
     def encode(rows: list[dict], audios: list[np.ndarray]) -> dict[str, list]:
-        codes = tok.tokenize(audios)
+        codes = [fitted[r["utt_id"]] for r in rows] if fitted is not None else tok.tokenize(audios)
         for r, c in zip(rows, codes):
             # S3 counts frames from the mel length (n // 160), so it may be one short of ceil(n/320).
             if abs(len(c) - frames_for(r["num_samples"])) > 1:

