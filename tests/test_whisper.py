@@ -164,3 +164,21 @@ def test_windows_plan():
     ws = whisper.windows([5, 10, 11, 65], sizes)
     assert [(w.item, w.start, w.num_samples, w.size) for w in ws] == [
         (0, 0, 5, 10), (1, 0, 10, 10), (2, 0, 11, 30), (3, 0, 30, 30), (3, 30, 30, 30), (3, 60, 5, 30)]
+
+
+def test_the_last_block_runs_on_the_kept_frames_only_and_gives_the_encoders_states(tiny_whisper, speech):
+    ext = whisper.load_feature_extractor(whisper.EMBEDDED, 80)
+    st = whisper.WhisperStates(tiny_whisper, ext, None, 4, windows_s=[10])
+    size = st.sizes[0]
+    chunks = [speech[0][:size], speech[1][: size // 3]]
+    feats = ext(chunks, sampling_rate=16000, return_tensors="pt", padding="max_length", max_length=size).input_features
+    keep = tables.frames_for(len(chunks[0]))
+    with torch.inference_mode():
+        mid, last = whisper.encoder_states(st.encoder, feats, st.positions[size], 2, keep)
+        with whisper.window_of(st.encoder, st.positions[size]) as enc:
+            out = enc(feats, output_hidden_states=True)
+    assert last.shape == (2, keep, 384) and keep < out.last_hidden_state.shape[1]
+    np.testing.assert_allclose(mid.numpy(), out.hidden_states[2][:, :keep].numpy(), atol=1e-5)
+    np.testing.assert_allclose(last.numpy(), out.last_hidden_state[:, :keep].numpy(), atol=1e-5)
+    with pytest.raises(ValueError, match="mid layer 4 is not before the last"):
+        whisper.encoder_states(st.encoder, feats, st.positions[size], 4, keep)

@@ -110,17 +110,19 @@ class Transcriber:
 
 
 def score(rebuilt: dict[str, list[np.ndarray]], refs: list[str], original_s: list[float],
-          original_emb: list[np.ndarray], transcribe, embed, rate: int = 16000) -> tuple[dict, dict]:
+          original_emb: list[np.ndarray], transcribe, embed_many, rate: int = 16000) -> tuple[dict, dict]:
     """Per source (name -> its audio for each utterance, in the order of ``refs``): ``wer``,
     ``duration_corr`` and ``speaker_sim`` (mean cosine of its embedding to the original's, over the
-    utterances it gave any audio; nan if none). Returns the scores and the transcripts."""
+    utterances it gave any audio; nan if none; ``embed_many`` embeds a list of audios). Returns the
+    scores and the transcripts."""
     from tqdm import tqdm
 
     scores, transcripts = {}, {}
     for name, audios in rebuilt.items():
         hyps = [transcribe(a) for a in tqdm(audios, desc=f"rebuild: transcribe {name}", unit="utt")]
         transcripts[name] = hyps
-        sims = [cosine(embed(a), e) for a, e in zip(audios, original_emb) if len(a)]  # no speech, no voice
+        voiced = [(a, e) for a, e in zip(audios, original_emb) if len(a)]  # no speech, no voice
+        sims = [cosine(v, e) for v, (_, e) in zip(embed_many([a for a, _ in voiced]) if voiced else [], voiced)]
         scores[name] = {"wer": wer(refs, hyps),
                         "duration_corr": duration_corr([len(a) / rate for a in audios], original_s),
                         "speaker_sim": float(np.mean(sims)) if sims else float("nan")}
@@ -153,7 +155,7 @@ def run(test, indices: list[int], generated: dict[str, list[np.ndarray]], manife
     encoder = speaker.load(test.speaker_meta.get("speaker.source", speaker.RESEMBLYZER))
     refs = [r["text"] for r in rows]
     scores, hyps = score(sources, refs, [r["num_samples"] / tables.SAMPLE_RATE for r in rows], embs,
-                         Transcriber(asr_model, window_s=asr_window_s), encoder.embed)
+                         Transcriber(asr_model, window_s=asr_window_s), encoder.embed_many)
     # The decoder's error on unseen voices in its own terms: log-mel L1 from the true units.
     transform = mel_transform()
     scores["true_units"]["mel_l1"] = float(np.mean([

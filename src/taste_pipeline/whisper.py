@@ -290,6 +290,40 @@ def window_of(encoder: torch.nn.Module, positions: torch.nn.Embedding):
         encoder.embed_positions, encoder.config.max_source_positions = saved
 
 
+def encoder_states(encoder: torch.nn.Module, features: torch.Tensor, positions: torch.nn.Embedding, mid_layer: int,
+                   keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output of block ``mid_layer``, final layer norm output), each of the first ``keep`` frames only,
+    of a transformers ``WhisperEncoder`` on log-mel windows of ``positions.num_embeddings`` frames.
+
+    Every block but the last must see the whole window: the next block's keys and values are all of its
+    frames. The last block's outputs are wanted only at the real frames, so it runs its queries, output
+    projection and MLP on those alone (the keys and values still span the window): the same states
+    (float rounding: tested against the encoder's own forward), ~1/5 less compute for 5 s utterances in
+    30 s windows.
+    """
+    x = torch.nn.functional.gelu(encoder.conv1(features))
+    x = torch.nn.functional.gelu(encoder.conv2(x)).permute(0, 2, 1)
+    if x.shape[1] != positions.num_embeddings:
+        raise ValueError(f"{x.shape[1]} encoder frames for a window of {positions.num_embeddings}")
+    x = x + positions.weight
+    *blocks, final = encoder.layers
+    mid = None
+    for i, block in enumerate(blocks, start=1):
+        x = block(x, None)
+        if i == mid_layer:
+            mid = x[:, :keep]
+    if mid is None:
+        raise ValueError(f"mid layer {mid_layer} is not before the last of {len(encoder.layers)} blocks")
+    h = final.self_attn_layer_norm(x)
+    attn, _ = final.self_attn(hidden_states=h[:, :keep], key_value_states=h)
+    y = x[:, :keep] + attn
+    y = y + final.fc2(final.activation_fn(final.fc1(final.final_layer_norm(y))))
+    if y.dtype == torch.float16:  # as transformers' block does
+        bound = torch.finfo(y.dtype).max - 1000
+        y = y.clamp(-bound, bound)
+    return mid, encoder.layer_norm(y)
+
+
 class WhisperStates:
     """Encodes 16 kHz mono audio into (mid, last) encoder states, 50 frames/s, real length.
 
@@ -324,12 +358,10 @@ class WhisperStates:
         # On a GPU the log-mel runs there too (transformers' torch path); on a CPU it is the same call.
         feats = self.extractor(chunks, sampling_rate=SAMPLE_RATE, return_tensors="pt", padding="max_length",
                                max_length=size, device=self.device if self.device.startswith("cuda") else "cpu")
-        with window_of(self.encoder, self.positions[size]) as encoder:
-            out = encoder(feats.input_features.to(self.device, self.dtype), output_hidden_states=True)
-        states = out.hidden_states
-        if len(states) != self.num_layers + 1:
-            raise RuntimeError(f"expected {self.num_layers + 1} hidden states, got {len(states)}")
-        return states[self.mid_layer].float().cpu(), out.last_hidden_state.float().cpu()
+        keep = frames_for(max(len(c) for c in chunks))
+        mid, last = encoder_states(self.encoder, feats.input_features.to(self.device, self.dtype), self.positions[size],
+                                   self.mid_layer, keep)
+        return mid.float().cpu(), last.float().cpu()
 
     def __call__(self, audios: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Encode utterances; returns one (mid, last) pair of (ceil(n/320), width) arrays each."""
