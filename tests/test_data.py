@@ -23,6 +23,13 @@ def test_lazy_split_gives_what_the_tables_hold(tiny_tables):
         np.testing.assert_array_equal(e.text_emb.numpy(), tables.row_matrix(t, "emb", t.column("utt_id").to_pylist().index(u)))
         assert e.units.tolist() == s.column("tokens")[s.column("utt_id").to_pylist().index(u)].as_py()
     assert split.widths == (384, 384) and meta["vocab_size"] == "8"
+    sp = tables.read_speaker(tiny_tables["speaker_path"])
+    emb = dict(zip(sp.column("utt_id").to_pylist(), sp.column("emb").to_pylist()))
+    for i, u in enumerate(split.utt_ids):
+        np.testing.assert_array_equal(split.speaker(i), emb[u])
+    without, _ = data.load_split(**dict(tiny_tables, speaker_path=None))
+    with pytest.raises(ValueError, match="without its speaker table"):
+        without.speaker(0)
 
 
 def test_a_bad_row_group_is_named_when_it_is_read(tiny_tables, tmp_path):

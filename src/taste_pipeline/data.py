@@ -150,6 +150,12 @@ class Split:
         width = lambda name, col: self.files[name].schema_arrow.field(col).type.value_type.list_size  # noqa: E731
         return width("text", "emb"), width("whisper", "mid")
 
+    def speaker(self, i: int) -> np.ndarray:
+        """Utterance i's speaker embedding (the speaker table's row); an error if the split was read without one."""
+        if self._speakers is None:
+            raise ValueError("this split was read without its speaker table (the speaker stage's)")
+        return self._speakers[i]
+
     def num_units(self, i: int) -> int:
         return len(self._units[i])
 
