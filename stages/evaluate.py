@@ -4,6 +4,7 @@ free-running unit error rate and length error; bitrate and codebook health of ta
     python stages/evaluate.py <manifest> <whisper> <text> <s3> <train s3> <models_dir> <metrics.json> <plots_dir>
         [--train-codes <tokenize table of the train split>] [--speaker <speaker table of the test split>]
         [--words <word timings of the test split>] [--vocoder <the vocoder stage's model dir>] [--listen <dir>]
+        [--units-out <free-running units table>]
 
 The first four are the test split's tables; <models_dir>/<variant> holds each trained variant (every
 name of train.variants and train.finetune).
@@ -29,6 +30,7 @@ def main() -> None:
                     "skipped when the file does not exist (a corpus without them)")
     ap.add_argument("--vocoder", help="the vocoder stage's model: rebuild speech from units and score it")
     ap.add_argument("--listen", help="where the listening set's audio goes (default: <plots_dir>/listen)")
+    ap.add_argument("--units-out", help="write the free-running units of every variant (and the true units) here")
     args = ap.parse_args()
     p, t = train_params.load("evaluate"), params.load("text")
     tr, tk = train_params.load("train"), train_params.load("tokenize")
@@ -44,7 +46,7 @@ def main() -> None:
                           p.attention_utterances, args.metrics, args.plots_dir, tr.device, p.buffer_rows,
                           {tk.model: args.train_codes} if args.train_codes else None, p.free_utterances,
                           p.free_top_k, args.words if args.words and Path(args.words).exists() else None, rebuild,
-                          args.listen)
+                          args.listen, args.units_out)
     for k in ("targets", "top1_acc", "change_top1_acc", "nll", "text_only_change_top1_acc", "text_only_nll",
               "shuffled_speech_change_top1_acc", "shuffled_speech_nll", "copy_prev_top1_acc",
               f"{tk.model}_nll", f"{tk.model}_gap_closed_nll", f"{tk.model}_bitrate_bps", "free_uer", "text_only_free_uer",

@@ -106,6 +106,17 @@ def test_metrics_and_plots(repo):
     for e in listen[0]["sources"]:
         info = sf.info(str(repo / "plots/listen" / e["file"]))
         assert info.samplerate == 16000 and info.frames / 16000 == pytest.approx(e["seconds"])
+    # What each variant decoded, for rebuilding with another vocoder: every variant and the true units.
+    free = tables.read_free_units(repo / "data/eval/free_units.parquet")
+    assert free.schema.metadata[b"targets"].decode() == m["targets"]
+    by_source = {}
+    for u, src, units in zip(*(free.column(c).to_pylist() for c in ("utt_id", "source", "units"))):
+        by_source.setdefault(src, {})[u] = units
+    assert set(by_source) == {"true_units", "taste", "text_only", "speech_frames", "taste_ft", "taste_rvq"}
+    assert all(len(v) == 2 for v in by_source.values())
+    s3 = tables.read_s3(repo / "data/features/s3/sample-test.parquet")
+    true = dict(zip(s3.column("utt_id").to_pylist(), s3.column("tokens").to_pylist()))
+    assert all(true[u] == units for u, units in by_source["true_units"].items())
     assert len(list((repo / "plots/eval/units").glob("*.png"))) == 1
     for png in ("per_position.png", "loss_curves.png"):
         assert (repo / "plots/eval" / png).stat().st_size > 1000

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from . import alignment, checkpoint, data, metrics, rebuild, tables, train
@@ -129,14 +130,16 @@ def run(test_files: dict, train_s3: str, model_dirs: dict[str, str], text_model:
         batch_size: int, attention_utterances: int, metrics_path: str, plots_dir: str, device: str = "cpu",
         buffer_rows: int = 0, train_codes: dict[str, str] | None = None, free_utterances: int = 64,
         free_top_k: int | None = 25, words_path: str | None = None, rebuild_args: dict | None = None,
-        listen_dir: str | None = None) -> dict:
+        listen_dir: str | None = None, units_path: str | None = None) -> dict:
     """``train_codes``: variant -> its tokenize table of the train split (dead codes). Free-running
     scores are over ``free_utterances`` test utterances spread over the split, sampled with
     ``free_top_k`` (greedy decoding of 50 Hz units loops on a repeated unit and never ends). With
     ``words_path`` (true word timings) the headline's alignment is scored (``alignment_scores``). With
     ``rebuild_args`` (``vocoder_dir``, ``griffin_lim_iters``, ``asr_model``, ``utterances``, ``listen``)
     the first ``utterances`` of the free-running set are rebuilt as speech and scored (``rebuild.run``),
-    the first ``listen`` of them written to ``listen_dir`` (default: ``plots_dir``/listen)."""
+    the first ``listen`` of them written to ``listen_dir`` (default: ``plots_dir``/listen). With
+    ``units_path`` the free-running units of every variant and the true units of the same utterances
+    are written there (``tables.FREE_UNITS``), for rebuilding them with another vocoder."""
     from . import hardware
     from . import text as text_mod
 
@@ -189,6 +192,16 @@ def run(test_files: dict, train_s3: str, model_dirs: dict[str, str], text_model:
         if model.squeeze is not None and model.squeeze.levels:
             scores[name].update(quantizer_metrics(model, test, batch_size, device, buffer_rows, tokens_per_s,
                                                   (train_codes or {}).get(name)))
+    if units_path:
+        sources = {"true_units": [test.units(i) for i in free.indices], **generated}
+        rows = [(test.utt_ids[i], name, np.asarray(u, np.int32)) for name, units in sources.items()
+                for i, u in zip(free.indices, units)]
+        table = pa.Table.from_pydict({"utt_id": [r[0] for r in rows], "source": [r[1] for r in rows],
+                                      "units": [r[2] for r in rows]}, schema=tables.FREE_UNITS)
+        table = table.replace_schema_metadata({"targets": meta["targets"], "free_top_k": str(free_top_k),
+                                               "seed": str(seed), "test_manifest": str(test_files["manifest_path"])})
+        tables.validate_free_units(table, str(units_path))
+        tables.write_table(units_path, table, tables.FREE_UNITS, table.schema.metadata)
     rebuilt = {}
     if rebuild_args:
         a = rebuild_args

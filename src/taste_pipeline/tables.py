@@ -78,6 +78,13 @@ WORDS = pa.schema([("utt_id", pa.string()), ("words", pa.list_(pa.string())), ("
                    ("end", pa.list_(pa.float64()))])
 
 
+# Free-running units (the evaluate stage): per test utterance and source (a variant, or true_units), the
+# units it decoded, for rebuilding speech elsewhere (CosyVoice's flow + HiFT with S3 targets: docs/RESULTS.md).
+# The metadata names the targets, the sampling (top_k, seed) and the test split.
+FREE_UNITS = pa.schema([("utt_id", pa.string()), ("source", pa.string()), ("units", pa.list_(pa.int32()))])
+FREE_UNITS_META = ("targets", "free_top_k", "seed", "test_manifest")
+
+
 def speaker_schema(width: int) -> pa.Schema:
     """One speaker embedding per utterance (the speaker stage); the metadata names its encoder."""
     return pa.schema([("utt_id", pa.string()), ("emb", pa.list_(pa.float32(), width))])
@@ -400,6 +407,18 @@ def validate_speaker(table: pa.Table, where: str = "speaker embeddings") -> pa.T
     return table
 
 
+def validate_free_units(table: pa.Table, where: str = "free-running units") -> pa.Table:
+    check_schema(table.schema, FREE_UNITS, where)
+    meta = table.schema.metadata or {}
+    missing = [k for k in FREE_UNITS_META if k.encode() not in meta]
+    if missing:
+        raise SchemaError(f"{where}: metadata lacks {missing}")
+    pairs = list(zip(table.column("utt_id").to_pylist(), table.column("source").to_pylist()))
+    if len(set(pairs)) != len(pairs):
+        raise SchemaError(f"{where}: an (utt_id, source) pair appears twice")
+    return table
+
+
 def validate_words(table: pa.Table, where: str = "word timings") -> pa.Table:
     check_schema(table.schema, WORDS, where)
     _unique_ids(table.column("utt_id").to_pylist(), where)
@@ -438,6 +457,10 @@ def read_text(path: str | os.PathLike) -> pa.Table:
 
 def read_speaker(path: str | os.PathLike) -> pa.Table:
     return validate_speaker(pq.read_table(path), str(path))
+
+
+def read_free_units(path: str | os.PathLike) -> pa.Table:
+    return validate_free_units(pq.read_table(path), str(path))
 
 
 def read_words(path: str | os.PathLike) -> pa.Table:
