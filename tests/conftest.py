@@ -50,3 +50,14 @@ def tiny_tables(tiny_resampled, tmp_path_factory) -> dict[str, Path]:
     speaker.embed_split(m, out / "spk.parquet", speaker.RESEMBLYZER)
     return {"manifest_path": m, "whisper_path": out / "w.parquet", "text_path": out / "t.parquet",
             "s3_path": out / "s.parquet", "speaker_path": out / "spk.parquet"}
+
+
+def load_script(path: str):
+    """A script of the repo (``scripts/x.py``, ``bench/x.py``) as a module, without running its main."""
+    import importlib.util
+
+    full = Path(__file__).parents[1] / path
+    spec = importlib.util.spec_from_file_location(full.stem, full)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -2,24 +2,19 @@
 installable package, so its model here is a stand-in object with CosyVoiceModel's token2wav interface)
 and the scoring of its output in this environment (rebuild.score_folder)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
+from conftest import load_script
 from taste_pipeline import audio, rebuild, tables
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("cosyvoice_rebuild", Path(__file__).parents[1] / "scripts" / "cosyvoice_rebuild.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("scripts/cosyvoice_rebuild.py")
 
 
 def _units_table(path, targets, rows):

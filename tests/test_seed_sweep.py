@@ -1,16 +1,12 @@
 """scripts/seed_sweep.py: one run per seed, mean ± sd of every system's metrics and of the gaps closed."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
+
+from conftest import load_script
 
 
 def _sweep():
-    spec = importlib.util.spec_from_file_location("seed_sweep", Path(__file__).parents[1] / "scripts" / "seed_sweep.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("scripts/seed_sweep.py")
 
 
 def _run(seed, nll, gap):
