@@ -7,6 +7,8 @@ table of test NLL (mean ± sd over seeds) and shares of the gap.
     python scripts/anatomy.py --report-only      # report experiments named anatomy-seed-*
     python scripts/anatomy.py 1337 --set s3.source=standin:kmeans --prefix anatomy-logmel-
                                                  # the same on the other kind of stand-in targets
+    python scripts/anatomy.py --report-only --all-commits --recorded docs/results/anatomy-recorded.json
+                                                 # with seeds whose experiments are gone
 
 Rows (every decoder told the speaker unless the row says not; the default's text_only, taste, taste_rvq
 and speech_frames are the baseline, the tokens with their coded durations, their tokenizer and the topline):
@@ -102,11 +104,18 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="another param for every run (key=value)")
     ap.add_argument("--all-commits", action="store_true", help="also experiments based on earlier commits (only "
                     "when no dependency of the pipeline changed since: `git diff A B -- dvc.yaml params.yaml stages src`)")
+    ap.add_argument("--recorded", help="JSON of seeds run before whose experiments are gone ({seed: {metric: "
+                    "value, ...}}, as eval.json names them); an experiment of the same seed wins")
     args = ap.parse_args()
     if not args.report_only:
         for s in args.seeds:
             run(s, args.prefix, args.set)
-    report(experiments(args.prefix, args.all_commits), args.prefix)
+    runs = experiments(args.prefix, args.all_commits)
+    if args.recorded:
+        with open(args.recorded) as f:
+            for seed, metrics in json.load(f)["seeds"].items():
+                runs.setdefault(int(seed), {"rev": metrics.get("commit", "recorded"), **metrics})
+    report(runs, args.prefix)
 
 
 if __name__ == "__main__":
