@@ -148,3 +148,41 @@ def test_a_parallel_split_has_every_voice_say_every_text(tmp_path):
     assert sorted(said) == sorted(texts) and all(len(set(v)) == 2 for v in said.values())
     w = tables.read_words(tmp_path / "words" / "par.parquet")
     assert w.num_rows == 4 and sorted(" ".join(x) for x in w.column("words").to_pylist()) == sorted(texts * 2)
+
+
+def test_the_splits_nest_whatever_the_train_size():
+    """The test split, and the first N train utterances, are the same plan at every train size."""
+    from taste_pipeline import corpus
+
+    args = (["en-us", "en-us+m3", "en+f4"], ["en-gb-x-rp+m5", "en-us+f4"], 2, 0.3, 500, 11)
+    plans = {n: corpus.plan_splits(n, 20, *args) for n in (7, 50, 200)}
+    for n in (7, 50):
+        assert plans[n][1] == plans[200][1]
+        assert plans[n][0] == plans[200][0][:n]
+    train, test = plans[200]
+    assert len({u.utt_id for u in train}) == 200 and len({u.utt_id for u in test}) == 20
+    assert not {u.text for u in train} & {u.text for u in test}
+    # the seed is the corpus: another gives other sentences
+    assert corpus.plan_splits(50, 20, *args[:-1], 12)[1] != plans[50][1]
+
+
+def test_a_larger_corpus_keeps_the_smaller_ones_audio(tmp_path, monkeypatch):
+    """espeak-ng carries state from call to call: the audio nests because the test split is spoken first
+    and the train split in its plan's order, and does not depend on the workers because each block is
+    spoken by a fresh process. With blocks of 2, a 3-utterance train split (one worker) and a
+    5-utterance one (two workers) share their first 3 files byte for byte, the test split and the word
+    timings."""
+    import hashlib
+
+    from taste_pipeline import corpus, tables
+
+    monkeypatch.setattr(corpus, "BLOCK", 2)
+    for n, workers in ((3, 1), (5, 2)):
+        corpus.synthesize(tmp_path / str(n), "tr", "te", n, 3, TRAIN_VOICES, TEST_VOICES, 2, 0.3, 400, 5,
+                          words_dir=tmp_path / f"words{n}", workers=workers)
+    digest = lambda d: {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in d.rglob("*.flac")}  # noqa: E731
+    small, large = digest(tmp_path / "3" / "tr"), digest(tmp_path / "5" / "tr")
+    assert len(small) == 3 and len(large) == 5 and all(large[k] == v for k, v in small.items())
+    assert digest(tmp_path / "3" / "te") == digest(tmp_path / "5" / "te")
+    words = {n: tables.read_words(tmp_path / f"words{n}" / "tr.parquet").to_pylist() for n in (3, 5)}
+    assert [r for r in words[5] if f"{r['utt_id']}.flac" in small] == words[3]

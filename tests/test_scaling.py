@@ -1,0 +1,74 @@
+"""scripts/scaling.py: shares of the gap per size and seed, the log-size fit and where it crosses a
+share, resuming from the results file, and refusing to make a point from uncommitted code."""
+
+import csv
+import json
+import math
+import sys
+
+import pytest
+
+from conftest import load_script
+
+
+def _metrics(size, shift=0.0):
+    # text_only 2.0 and topline 1.0 (+ shift): a variant's share is 2.0 + shift - its nll; the shares
+    # follow a + b log10(size) exactly
+    default = 0.10 + 0.20 * math.log10(size / 250)
+    plain = 0.02 + 0.05 * math.log10(size / 250)
+    return {"text_only_nll": 2.0 + shift, "speech_frames_nll": 1.0 + shift, "taste_rvq_nll": 2.0 - default + shift,
+            "nll": 2.0 - default - 0.01 + shift, "taste_plain_rvq_nll": 2.0 - plain + shift,
+            "taste_plain_nll": 2.0 - plain + 0.01 + shift, "taste_rvq_rebuilt_wer_gap_closed": 0.3}
+
+
+def _results(path, sizes=(250, 500, 1000), seeds=(1, 2)):
+    runs = [{"train_utterances": n, "seed": s, "commit": "abcdef1234", "sets": [], "device": "cpu",
+             "machine": "a CPU", "precision": "bfloat16", "targets": "stand-in (not S3)",
+             "metrics": _metrics(n, 0.01 * s)} for n in sizes for s in seeds]
+    path.write_text(json.dumps({"runs": runs}))
+    return path
+
+
+def test_the_fit_recovers_a_log_size_trend_and_where_it_crosses():
+    mod = load_script("scripts/scaling.py")
+    a, b = mod.fit([(n, 0.1 + 0.2 * math.log10(n)) for n in (250, 500, 1000, 4000)])
+    assert a == pytest.approx(0.1) and b == pytest.approx(0.2)
+    assert mod.crossing((a, b), 0.5) == pytest.approx(100.0)
+    assert mod.crossing((0.3, -0.01), 0.5) is None and mod.fit([(500, 0.1), (500, 0.2)]) is None
+
+
+def test_the_report_writes_the_table_csv_and_plot(tmp_path, monkeypatch, capsys):
+    mod = load_script("scripts/scaling.py")
+    results = _results(tmp_path / "scaling.json")
+    out_csv, png = tmp_path / "scaling.csv", tmp_path / "scaling.png"
+    monkeypatch.setattr(sys, "argv", ["scaling.py", "--report-only", "--results", str(results), "--csv", str(out_csv),
+                                      "--png", str(png)])
+    mod.main()
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| 1000 |"))
+    # taste_rvq at 1000: 0.10 + 0.20 log10(4) = 22.0 %; the shift of each seed cancels in the share
+    assert "| 1, 2 | abcdef1 |" in row and "22.0 ± 0.0" in row and "30.0 ± 0.0" in row
+    assert "+ 20.0 % per tenfold" in out and "+ 5.0 % per tenfold" in out
+    # TASTE's design reaches 40 % where 0.02 + 0.05 log10(n / 250) = 0.4: n = 250 * 10 ** 7.6
+    line = next(x for x in out.splitlines() if "would reach 40 %" in x and "TASTE" in x)
+    assert f"~{250 * 10 ** 7.6:,.0f}" in line
+    rows = list(csv.DictReader(out_csv.open()))
+    assert len(rows) == 6 and float(rows[0]["taste_rvq"]) == pytest.approx(10.0)
+    assert png.stat().st_size > 10_000
+
+
+def test_runs_resume_and_refuse_uncommitted_code(tmp_path, monkeypatch):
+    mod = load_script("scripts/scaling.py")
+    results = _results(tmp_path / "scaling.json", sizes=(250,), seeds=(1,))
+    ran = []
+    monkeypatch.setattr(mod, "run", lambda size, seed, sets, path: ran.append((size, seed)))
+    monkeypatch.setattr(mod, "report", lambda *a: None)
+    monkeypatch.setattr(sys, "argv", ["scaling.py", "--sizes", "250", "500", "--seeds", "1", "2", "--results", str(results)])
+    mod.main()
+    assert ran == [(250, 2), (500, 1), (500, 2)]
+    monkeypatch.undo()
+    monkeypatch.setattr(mod, "finished", lambda exp: ({}, ""))
+    monkeypatch.setattr(mod, "machine", lambda sets: {})
+    monkeypatch.setattr(mod, "git", lambda *a: " M src/taste_pipeline/model.py" if a[0] == "status" else "x")
+    with pytest.raises(SystemExit, match="uncommitted"):
+        mod.run(250, 1, [], results)
