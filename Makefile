@@ -24,8 +24,11 @@ repro: venv
 	$(BIN)/dvc repro
 	$(BIN)/dvc metrics show || true
 
+# One test file per worker, every core (-n auto), torch on one thread each: most of the suite is
+# processes starting and small models, which two cores run side by side; two workers with torch's
+# default threads each would oversubscribe the cores. tests/conftest.py starts the longest file first.
 test: venv
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto --dist loadfile
 
 # The plots page, offline (no CDN), checked in headless Chromium when it is installed.
 plots: venv
