@@ -136,3 +136,23 @@ def test_the_package_has_no_import_cycle():
     modules = sorted(PACKAGE.glob("*.py"))
     for module in modules:
         assert module not in closure(module), f"{module.name} imports itself through {sorted(f.name for f in closure(module))}"
+
+
+def test_no_cached_dvc_out_is_tracked_by_git():
+    """A cached out that git also tracks fails its stage on a fresh clone ("already tracked by SCM")."""
+    import subprocess
+
+    try:
+        tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, check=True, capture_output=True, text=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    clashes = []
+    for name, stage in stages():
+        for out in stage.get("outs", []):
+            path, opts = (next(iter(out.items())) if isinstance(out, dict) else (out, {}))
+            if (opts or {}).get("cache", True) is False:
+                continue  # git keeps these (metrics, plots)
+            pattern = re.compile(re.sub(r"\\\$\\\{[^}]*\\\}", "[^/]+", re.escape(path)) + "(/.*)?")
+            # DVC writes the .gitignore files beside its outs; they belong in git
+            clashes += [f"{name}: {f}" for f in tracked if pattern.fullmatch(f) and not f.endswith("/.gitignore")]
+    assert not clashes, clashes
