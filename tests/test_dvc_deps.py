@@ -2,6 +2,7 @@
 
 import ast
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -140,10 +141,8 @@ def test_the_package_has_no_import_cycle():
 
 def test_no_cached_dvc_out_is_tracked_by_git():
     """A cached out that git also tracks fails its stage on a fresh clone ("already tracked by SCM")."""
-    import subprocess
-
     try:
-        tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, check=True, capture_output=True, text=True).stdout.split()
+        tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, check=True, capture_output=True, text=True).stdout.splitlines()
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("not a git checkout")
     clashes = []
