@@ -146,7 +146,10 @@ def crossing(line: tuple[float, float] | None, share: float) -> float | None:
 
 
 def fmt(xs: list[float]) -> str:
-    return f"{100 * statistics.mean(xs):.1f} ± {100 * statistics.stdev(xs) if len(xs) > 1 else 0.0:.1f}"
+    """Mean ± sd over seeds in %; one seed has no spread to show."""
+    if len(xs) == 1:
+        return f"{100 * xs[0]:.1f}"
+    return f"{100 * statistics.mean(xs):.1f} ± {100 * statistics.stdev(xs):.1f}"
 
 
 def report(data: dict, csv_path: Path, png_path: Path) -> None:

@@ -29,8 +29,8 @@ def repo(tmp_path_factory):
     if shutil.which("dvc", path=str(Path(sys.executable).parent)) is None:
         pytest.skip("dvc is not installed beside this Python")
     repo = tmp_path_factory.mktemp("repo")
-    for item in ("dvc.yaml", "stages", "src", "scripts"):
-        (shutil.copytree if (ROOT / item).is_dir() else shutil.copy)(ROOT / item, repo / item)
+    for item in ("dvc.yaml", "stages", "src", "scripts", "docs/results"):
+        (shutil.copytree if (ROOT / item).is_dir() else shutil.copy)(ROOT / item, repo / item)  # docs/results: plots dvc.yaml names
     p = yaml.safe_load((ROOT / "params.yaml").read_text())
     p["synthesize"].update(train_utterances=6, test_utterances=3, train_voices=["en-us", "en+f4"],
                            test_voices=["en-us+m3"])

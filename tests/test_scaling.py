@@ -35,6 +35,7 @@ def test_the_fit_recovers_a_log_size_trend_and_where_it_crosses():
     assert a == pytest.approx(0.1) and b == pytest.approx(0.2)
     assert mod.crossing((a, b), 0.5) == pytest.approx(100.0)
     assert mod.crossing((0.3, -0.01), 0.5) is None and mod.fit([(500, 0.1), (500, 0.2)]) is None
+    assert mod.fmt([0.056]) == "5.6" and mod.fmt([0.05, 0.07]) == "6.0 ± 1.4"  # one seed shows no spread
 
 
 def test_the_report_writes_the_table_csv_and_plot(tmp_path, monkeypatch, capsys):
@@ -72,3 +73,23 @@ def test_runs_resume_and_refuse_uncommitted_code(tmp_path, monkeypatch):
     monkeypatch.setattr(mod, "git", lambda *a: " M src/taste_pipeline/model.py" if a[0] == "status" else "x")
     with pytest.raises(SystemExit, match="uncommitted"):
         mod.run(250, 1, [], results)
+
+
+def test_the_dvc_plot_draws_every_variant_the_script_writes():
+    """dvc.yaml's scaling plot names the CSV's columns; a renamed series would drop out of the plot silently."""
+    from pathlib import Path
+
+    import yaml
+
+    mod = load_script("scripts/scaling.py")
+    root = Path(__file__).parents[1]
+    plots = yaml.safe_load((root / "dvc.yaml").read_text())["plots"]
+    entry = next(p["Gap closed against corpus size"] for p in plots
+                 if isinstance(p, dict) and "Gap closed against corpus size" in p)
+    assert entry["template"] == "scaling" and (root / ".dvc/plots/scaling.json").exists()
+    csv_path = mod.ROOT / "docs/results/scaling.csv"
+    assert set(entry["y"]) == {str(csv_path.relative_to(root))}
+    assert entry["y"][str(csv_path.relative_to(root))] == [v for _, v, _ in mod.SERIES]
+    if csv_path.exists():
+        with open(csv_path) as f:
+            assert next(csv.reader(f)) == [entry["x"], "seed", *[v for _, v, _ in mod.SERIES]]
