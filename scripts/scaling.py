@@ -216,7 +216,9 @@ def plot(runs: list[dict], lines: dict, marks: dict, path: Path) -> None:
             a, b = lines[c]
             ax.plot([sizes[0], sizes[-1]], [100 * (a + b * math.log10(x)) for x in (sizes[0], sizes[-1])],
                     color=colours[c])
-            ax.plot([sizes[-1], far], [100 * (a + b * math.log10(x)) for x in (sizes[-1], far)], color=colours[c],
+            # A share cannot pass the topline's: the dotted line stops where the fit reaches 100 %.
+            end = min(far, crossing(lines[c], 1.0) or far)
+            ax.plot([sizes[-1], end], [100 * (a + b * math.log10(x)) for x in (sizes[-1], end)], color=colours[c],
                     linestyle=":", label=f"{c}: fit, extrapolated")
     ax.axhline(100 * GOAL, color="grey", linewidth=0.8, linestyle="--")
     ax.set_xscale("log")
