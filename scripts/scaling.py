@@ -102,12 +102,18 @@ def run(size: int, seed: int, sets: list[str], results: Path) -> None:
         metrics, commit = finished(name(size, seed))
         if not metrics:
             sys.exit(f"scaling: experiment {name(size, seed)} finished without metrics/eval.json")
-    record = {"train_utterances": size, "seed": seed, "commit": commit, "sets": sets, **where,
-              "targets": metrics.get("targets"),
-              "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
+    record(results, size, seed, sets, metrics, commit, where)
+
+
+def record(results: Path, size: int, seed: int, sets: list[str], metrics: dict, commit: str, where: dict,
+           **extra) -> None:
+    """Add one point to the results file (replacing an older run of the same size, seed and sets), atomically."""
+    rec = {"train_utterances": size, "seed": seed, "commit": commit, "sets": sets, **where, **extra,
+           "targets": metrics.get("targets"),
+           "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}}
     data = load(results)
     data["runs"] = [r for r in data["runs"] if (r["train_utterances"], r["seed"], r["sets"]) != (size, seed, sets)]
-    data["runs"].append(record)
+    data["runs"].append(rec)
     results.parent.mkdir(parents=True, exist_ok=True)
     tmp = results.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=1) + "\n")

@@ -26,7 +26,7 @@ def test_repo_params_load(monkeypatch):
     for section in SECTIONS:
         load(section, root)
     syn = load("synthesize", root)
-    assert syn.train_utterances >= 1000 and syn.test_utterances >= 150
+    assert syn.train_utterances >= 250 and syn.test_utterances >= 150
     assert len(syn.train_voices) >= 6 and len(syn.test_voices) >= 2
 
 

@@ -53,7 +53,7 @@ class Data:
 
 @dataclass(frozen=True)
 class Synthesize:
-    train_utterances: int = 1000
+    train_utterances: int = 250
     test_utterances: int = 160
     train_voices: list = field(default_factory=list)
     test_voices: list = field(default_factory=list)
