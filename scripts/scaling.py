@@ -9,7 +9,8 @@ the same test split and each size's train split starts with the smaller ones'.
     python scripts/scaling.py --report-only                                # table, fit and plots
 
 Every finished run is appended to the results file (default docs/results/scaling.json) with its commit,
-machine and precision, so a stopped study resumes where it stopped and the table does not depend on
+machine and precision (a point is a size, a seed and a precision: a seed run again in another precision
+is another row), so a stopped study resumes where it stopped and the table does not depend on
 experiments kept in the repository. Runs need a clean checkout: each point is committed code.
 Then the table (markdown, printed), docs/results/scaling.csv (the DVC plot) and docs/results/scaling.png:
 the share of the NLL gap closed against training utterances on a log axis, with a least-squares line
@@ -112,12 +113,18 @@ def record(results: Path, size: int, seed: int, sets: list[str], metrics: dict, 
            "targets": metrics.get("targets"),
            "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}}
     data = load(results)
-    data["runs"] = [r for r in data["runs"] if (r["train_utterances"], r["seed"], r["sets"]) != (size, seed, sets)]
+    data["runs"] = [r for r in data["runs"] if not same_point(r, size, seed, sets, where.get("precision"))]
     data["runs"].append(rec)
     results.parent.mkdir(parents=True, exist_ok=True)
     tmp = results.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=1) + "\n")
     tmp.replace(results)
+
+
+def same_point(r: dict, size: int, seed: int, sets: list[str], precision: str | None) -> bool:
+    """One point is a size, a seed, the extra params and the precision it trained in: the same seed in
+    another precision is another measurement (it sits in its own row of the table)."""
+    return (r["train_utterances"], r["seed"], r["sets"], r.get("precision")) == (size, seed, sets, precision)
 
 
 def load(results: Path) -> dict:
@@ -165,18 +172,20 @@ def report(data: dict, csv_path: Path, png_path: Path) -> None:
         return
     sizes = sorted({r["train_utterances"] for r in runs})
     by = {n: [r for r in runs if r["train_utterances"] == n] for n in sizes}
+    rows = sorted({(r["train_utterances"], str(r.get("precision"))) for r in runs})
     variants = [v for _, v, _ in SERIES]
     print(f"targets: {sorted({r['targets'] for r in runs})}")
     print("| train utterances | seeds | commit | machine, precision | "
           + " | ".join(f"{v} (% of NLL gap)" for v in variants) + " | taste_rvq WER gap closed (%) | taste_plain_rvq WER gap closed (%) |")
     print("|---|---|---|---|" + "---|" * (len(variants) + 2))
-    for n in sizes:
-        s = [shares(r["metrics"]) for r in by[n]]
+    for n, precision in rows:  # one row per size and precision: seeds spread within a row
+        row = [r for r in by[n] if str(r.get("precision")) == precision]
+        s = [shares(r["metrics"]) for r in row]
         cells = [fmt([x[v] for x in s]) if all(v in x for x in s) else "" for v in variants]
         wer = [fmt([x[f"{v} wer"] for x in s]) if all(f"{v} wer" in x for x in s) else "" for v in HEADLINE.values()]
         where = sorted({f"{r['machine']}, {r['precision']}" + (f" ({' '.join(r['sets'])})" if r["sets"] else "")
-                        for r in by[n]})
-        print(f"| {n} | {', '.join(str(r['seed']) for r in by[n])} | {', '.join(sorted({r['commit'][:7] for r in by[n]}))} "
+                        for r in row})
+        print(f"| {n} | {', '.join(str(r['seed']) for r in row)} | {', '.join(sorted({r['commit'][:7] for r in row}))} "
               f"| {'; '.join(where)} | " + " | ".join(cells + wer) + " |")
     lines = {c: fit([(r["train_utterances"], shares(r["metrics"])[v]) for r in runs if v in shares(r["metrics"])])
              for c, v in HEADLINE.items()}
@@ -250,7 +259,9 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
     if not args.report_only:
-        done = {(r["train_utterances"], r["seed"]) for r in load(args.results)["runs"] if r["sets"] == args.set}
+        precision = machine(args.set)["precision"]
+        done = {(r["train_utterances"], r["seed"]) for r in load(args.results)["runs"]
+                if r["sets"] == args.set and r.get("precision") == precision}
         for size in args.sizes:
             for seed in args.seeds:
                 if (size, seed) in done:

@@ -196,15 +196,15 @@ def main() -> None:
                            capture_output=True, text=True).stdout.strip()
     if dirty:
         commit += "-dirty"  # said in the record, not refused: the GPU machine's copy may not be a git checkout
+    where = sc.machine(args.set)
     for size in args.sizes:
         for seed in args.seeds:
-            if any((r["train_utterances"], r["seed"], r["sets"]) == (size, seed, sets)
-                   for r in sc.load(args.results)["runs"]):
+            if any(sc.same_point(r, size, seed, sets, where["precision"]) for r in sc.load(args.results)["runs"]):
                 print(f"scaling_direct: {size}/{seed} with {sets} is in {args.results}, skipped")
                 continue
             t = time.perf_counter()
             metrics = run_point(size, seed, args.set, args.whisper, args.work.resolve(), not args.no_rebuild)
-            sc.record(args.results, size, seed, sets, metrics, commit or "unknown", sc.machine(args.set),
+            sc.record(args.results, size, seed, sets, metrics, commit or "unknown", where,
                       runner="direct", rebuilt_speech=not args.no_rebuild, seconds=round(time.perf_counter() - t))
             print(f"scaling_direct: {size}/{seed} in {time.perf_counter() - t:.0f} s: "
                   f"{json.dumps(sc.shares(metrics))}")

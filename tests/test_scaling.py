@@ -64,9 +64,15 @@ def test_runs_resume_and_refuse_uncommitted_code(tmp_path, monkeypatch):
     ran = []
     monkeypatch.setattr(mod, "run", lambda size, seed, sets, path: ran.append((size, seed)))
     monkeypatch.setattr(mod, "report", lambda *a: None)
+    monkeypatch.setattr(mod, "machine", lambda sets: {"precision": "bfloat16"})
     monkeypatch.setattr(sys, "argv", ["scaling.py", "--sizes", "250", "500", "--seeds", "1", "2", "--results", str(results)])
     mod.main()
     assert ran == [(250, 2), (500, 1), (500, 2)]
+    # The same seed in another precision is another point: it runs again.
+    ran.clear()
+    monkeypatch.setattr(mod, "machine", lambda sets: {"precision": "float32"})
+    mod.main()
+    assert ran == [(250, 1), (250, 2), (500, 1), (500, 2)]
     monkeypatch.undo()
     monkeypatch.setattr(mod, "finished", lambda exp: ({}, ""))
     monkeypatch.setattr(mod, "machine", lambda sets: {})
@@ -121,3 +127,16 @@ def test_the_direct_runner_makes_a_point_the_report_reads(tmp_path):
     assert set(mod.shares(run["metrics"])) == {v for _, v, _ in mod.SERIES}  # every series, no WER without rebuilt speech
     again = subprocess.run(cmd, check=True, capture_output=True, text=True)
     assert "skipped" in again.stdout
+
+
+def test_a_seed_in_another_precision_is_its_own_row(tmp_path, monkeypatch, capsys):
+    mod = load_script("scripts/scaling.py")
+    results = _results(tmp_path / "scaling.json", sizes=(250, 1000), seeds=(1, 2))
+    data = json.loads(results.read_text())
+    data["runs"].append({**data["runs"][0], "precision": "float32", "machine": "another CPU"})
+    results.write_text(json.dumps(data))
+    monkeypatch.setattr(sys, "argv", ["scaling.py", "--report-only", "--results", str(results), "--csv",
+                                      str(tmp_path / "s.csv"), "--png", str(tmp_path / "s.png")])
+    mod.main()
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 250 |")]
+    assert len(rows) == 2 and "| 1, 2 |" in rows[0] and "another CPU, float32" in rows[1] and "| 1 |" in rows[1]
