@@ -24,12 +24,6 @@ if [ "${1:-}" = pack ]; then
     $PY -m pip download -q --no-deps --only-binary=:all: --python-version "${GPU_PYTHON:-3.12}" --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
         --platform any -d .gpu $pins
-    # Those with no wheel on the index, built here by a Python of the GPU machine's version.
-    gpy=${GPU_PYTHON_BIN:-python${GPU_PYTHON:-3.12}}
-    for pin in $($PY bench/gpu_pack.py --build); do
-        "$gpy" -m pip wheel -q --no-deps -w .gpu "$pin" || { echo "bench/gpu.sh: $pin has no wheel on the index and" \
-            "'$gpy' could not build one: set GPU_PYTHON_BIN to a Python ${GPU_PYTHON:-3.12} with a C compiler" >&2; exit 2; }
-    done
     cp "$($PY -c 'from taste_pipeline import whisper; print(whisper.embedded_model_dir())')/tokenizer.json" .gpu/
     PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} $PY bench/gpu_pack.py --whisper .gpu/tiny.en-fp16.safetensors
     ls -la .gpu
@@ -57,9 +51,10 @@ tok=()
 [ -f .gpu/tiny.en-fp16.safetensors ] && tok+=(--whisper-pack .gpu/tiny.en-fp16.safetensors)
 if [ $mode = scaling ]; then
     # Every stage's model on the card; the extraction in GPU-sized batches (where things run, not what is
-    # computed: the record names each). No rebuilt speech: its transcriber is the 70 MB wheel.
+    # computed: the record names each). What the carry limit leaves out, also in each record: the rebuilt
+    # speech (its transcriber is the 70 MB wheel) and the speaker embedding (Resemblyzer's 15 MB wheel).
     exec $PY scripts/scaling_direct.py "${tok[@]}" --no-rebuild --results "$out" --work "${SCALING_WORK:-/tmp/scaling-work}" \
-        --set train.device=cuda --set whisper.device=cuda --set whisper.batch_size=32 --set s3.device=cuda \
+        --set train.speaker=none --set train.device=cuda --set whisper.device=cuda --set whisper.batch_size=32 --set s3.device=cuda \
         --set s3.batch_size=32 --set tokenize.device=cuda "$@"
 fi
 exec $PY bench/gpu.py "${tok[@]}" --json "$out" "$@"

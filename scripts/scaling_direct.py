@@ -59,14 +59,15 @@ def point_params(size: int, seed: int, sets: list[str], whisper_model: str | Non
     return p
 
 
-def tables_for(size: int, params_file: Path, work: Path) -> dict:
-    """The corpus and every extraction table of this size (made once; a finished table is kept)."""
-    from taste_pipeline import audio, corpus, params, s3, speaker, text, whisper
+def tables_for(size: int, params_file: Path, work: Path, speakers: bool) -> dict:
+    """The corpus and every extraction table of this size (made once; a finished table is kept), the
+    speaker tables only when ``speakers``."""
+    from taste_pipeline import params, speaker
 
     def load(section):
         return params.load(section, params_file)
 
-    base, d, syn = load("base"), load("data"), load("synthesize")
+    d = load("data")
     root, words = work / "LibriSpeech", work / "words"
     done = work / "tables.done"
     splits = (d.train_split, d.test_split)
@@ -76,13 +77,31 @@ def tables_for(size: int, params_file: Path, work: Path) -> dict:
                      "s3_path": str(work / "s3" / f"{split}.parquet"),
                      "speaker_path": str(work / "speaker" / f"{split}.parquet"),
                      "words_path": str(words / f"{split}.parquet")} for split in splits}
-    if done.exists():
-        return files
+    sp = load("speaker")
+    if not done.exists():
+        extract(root, words, files, params_file, work)
+        done.write_text("ok\n")
+    for split in splits if speakers else ():  # made when first needed
+        f = files[split]
+        if not Path(f["speaker_path"]).exists():
+            speaker.embed_split(f["manifest_path"], f["speaker_path"], sp.source, sp.rows_per_group)
+    return files
+
+
+def extract(root: Path, words: Path, files: dict, params_file: Path, work: Path) -> None:
+    """The corpus, its resampled splits and their whisper, text and target tables."""
+    from taste_pipeline import audio, corpus, params, s3, text, whisper
+
+    def load(section):
+        return params.load(section, params_file)
+
+    base, d, syn = load("base"), load("data"), load("synthesize")
+    splits = (d.train_split, d.test_split)
     t = time.perf_counter()
     corpus.synthesize(root, d.train_split, d.test_split, syn.train_utterances, syn.test_utterances, syn.train_voices,
                       syn.test_voices, syn.chapters_per_speaker, syn.pause_prob, syn.max_pause_ms, base.seed, words,
                       workers=os.cpu_count())
-    r, w, tx, sp, s3p = load("resample"), load("whisper"), load("text"), load("speaker"), load("s3")
+    r, w, tx, s3p = load("resample"), load("whisper"), load("text"), load("s3")
     for split in splits:
         audio.resample_split(root / split, work / "resampled" / split, r.strict, r.silence_dbfs, d.format)
     print(f"scaling_direct: corpus of {syn.train_utterances} + {syn.test_utterances} in {time.perf_counter() - t:.0f} s")
@@ -97,9 +116,6 @@ def tables_for(size: int, params_file: Path, work: Path) -> dict:
         text.extract_split(f["manifest_path"], f["text_path"], tx.model, tx.case, tx.rows_per_group)
         s3.tokenize_split(f["manifest_path"], tok, f["s3_path"], s3p.device, s3p.batch_size, s3p.rows_per_group,
                           s3p.dtype)
-        speaker.embed_split(f["manifest_path"], f["speaker_path"], sp.source, sp.rows_per_group)
-    done.write_text("ok\n")
-    return files
 
 
 def train_variant(name: str, params_file: Path, files: dict, whisper_model: str, models: Path) -> dict:
@@ -134,8 +150,10 @@ def run_point(size: int, seed: int, sets: list[str], whisper_model: str | None, 
     params_file = pdir / f"params-seed-{seed}.yaml"
     params_file.write_text(yaml.safe_dump(point_params(size, seed, sets, whisper_model)))
     d = params.load("data", params_file)
-    files = tables_for(size, params_file, pdir)
     tr = train_params.load("train", params_file)
+    # The speaker table only where a variant is told the voice or the vocoder speaks in it.
+    speakers = rebuild or any(tr.variant(n)[0].speaker != "none" for n in [*tr.variants, *tr.finetune])
+    files = tables_for(size, params_file, pdir, speakers)
     wmodel = params.load("whisper", params_file).model
     models = pdir / f"models-seed-{seed}"
     order = list(tr.variants) + list(tr.finetune)
@@ -158,7 +176,8 @@ def run_point(size: int, seed: int, sets: list[str], whisper_model: str | None, 
         rebuild_args = {"vocoder_dir": str(pdir / "vocoder"), "griffin_lim_iters": voc.griffin_lim_iters,
                         "asr_model": ev.asr_model, "utterances": ev.rebuild_utterances, "listen": ev.listen_utterances,
                         "asr_window_s": ev.asr_window_s}
-    test = {k: fte[k] for k in ("manifest_path", "whisper_path", "text_path", "s3_path", "speaker_path")}
+    test = {k: fte[k] for k in ("manifest_path", "whisper_path", "text_path", "s3_path")}
+    test["speaker_path"] = fte["speaker_path"] if speakers else None
     return evaluate.run(test, ftr["s3_path"], {v: str(models / v) for v in [*tr.variants, *tr.finetune]},
                         params.load("text", params_file).model, tr.seed, ev.batch_size, ev.attention_utterances,
                         str(models / "eval.json"), str(models / "plots"), tr.device, ev.buffer_rows,
