@@ -33,12 +33,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 
-def scaling():
-    """scripts/scaling.py as a module: its series, the variants it adds and its results file."""
-    spec = importlib.util.spec_from_file_location("scaling", Path(__file__).with_name("scaling.py"))
+def script(path: Path):
+    """A script of the repo as a module (bench/ on sys.path would shadow openai-whisper's ``whisper``)."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def scaling():
+    """scripts/scaling.py: its series, the variants it adds and its results file."""
+    return script(Path(__file__).with_name("scaling.py"))
 
 
 def point_params(size: int, seed: int, sets: list[str], whisper_model: str | None) -> dict:
@@ -202,12 +207,9 @@ def main() -> None:
     args = ap.parse_args()
     sc = scaling()
     if args.whisper_pack:
-        spec = importlib.util.spec_from_file_location("gpu_pack", ROOT / "bench" / "gpu_pack.py")
-        gpu_pack = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(gpu_pack)
         if not args.tokenizer_json:
             sys.exit("scaling_direct: --whisper-pack needs --tokenizer-json")
-        args.whisper = str(gpu_pack.unpack_whisper(args.whisper_pack, args.work.resolve() / "tiny.en-fp16",
+        args.whisper = str(script(ROOT / "bench" / "gpu_pack.py").unpack_whisper(args.whisper_pack, args.work.resolve() / "tiny.en-fp16",
                                                    args.tokenizer_json))
     sets = list(args.set) + ([f"whisper.model={args.whisper_name or Path(args.whisper).name}"] if args.whisper else [])
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()

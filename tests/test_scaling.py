@@ -102,12 +102,16 @@ def test_the_dvc_plot_draws_every_variant_the_script_writes():
 
 @pytest.mark.slow
 def test_the_direct_runner_makes_a_point_the_report_reads(tmp_path):
-    """scripts/scaling_direct.py (the GPU machine's runner, no DVC), on a CPU at toy size: every variant of
-    the point trains and is scored, the record lands in the results file, and a rerun skips it."""
+    """scripts/scaling_direct.py (the GPU machine's runner, no DVC), on a CPU at toy size and as gpu.sh runs
+    it there, on tiny.en unpacked from bench/gpu_pack.py's file: every variant of the point trains and is
+    scored, the record lands in the results file, and a rerun skips it."""
     import subprocess
     from pathlib import Path
 
+    from taste_pipeline import whisper
+
     root = Path(__file__).parents[1]
+    pack = load_script("bench/gpu_pack.py").pack_whisper(tmp_path / "tiny.en-fp16.safetensors")
     toy = ["synthesize.test_utterances=3", "synthesize.train_voices=[en-us, en+f4]",
            "synthesize.test_voices=[en-us+m3]", "s3.standin_units=16", "train.epochs=1", "train.batch_size=2",
            "train.d_model=32", "train.n_heads=2", "train.n_layers=1", "train.d_ff=64", "train.agg_layers=1",
@@ -117,12 +121,14 @@ def test_the_direct_runner_makes_a_point_the_report_reads(tmp_path):
            "evaluate.listen_utterances=1"]
     results = tmp_path / "scaling.json"
     cmd = [sys.executable, str(root / "scripts/scaling_direct.py"), "--sizes", "6", "--seeds", "3", "--no-rebuild",
+           "--whisper-pack", str(pack), "--tokenizer-json", str(whisper.embedded_model_dir() / "tokenizer.json"),
            "--work", str(tmp_path / "work"), "--results", str(results), *(x for s in toy for x in ("--set", s))]
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     (run,) = json.loads(results.read_text())["runs"]
     assert (run["train_utterances"], run["seed"], run["runner"], run["rebuilt_speech"]) == (6, 3, "direct", False)
-    assert run["sets"] == toy and "not S3" in run["targets"] and run["precision"] in ("bfloat16", "float32")
+    assert run["sets"] == [*toy, "whisper.model=tiny.en-fp16"] and "not S3" in run["targets"]
+    assert run["precision"] in ("bfloat16", "float32")
     mod = load_script("scripts/scaling.py")
     assert set(mod.shares(run["metrics"])) == {v for _, v, _ in mod.SERIES}  # every series, no WER without rebuilt speech
     again = subprocess.run(cmd, check=True, capture_output=True, text=True)
