@@ -125,23 +125,17 @@ def extract(root: Path, words: Path, files: dict, params_file: Path, work: Path)
 
 def train_variant(name: str, params_file: Path, files: dict, whisper_model: str, models: Path) -> dict:
     """As stages/train.py does for one variant (one process, no DVCLive)."""
-    from taste_pipeline import checkpoint, data, hardware, params, train, train_params
+    from taste_pipeline import hardware, params, train, train_params
 
     p, init = train_params.load("train", params_file).variant(name)
     device = hardware.resolve_device(p.device, "train.device")
     p = dataclasses.replace(p, device=device, amp=hardware.resolve_amp(p.amp, device))
-    inputs = [files[k] for k in ("manifest_path", "whisper_path", "text_path", "s3_path")]
-    spk = files["speaker_path"] if p.speaker != "none" else None
-    words = files["words_path"] if p.unit_alignment == "oracle" else None
-    split, meta = data.load_split(*inputs, spk, words)
-    train_ex, val_ex = data.speaker_split(split, p.val_speakers, params.load("base", params_file).seed)
-    model = train.build_model(int(meta["vocab_size"]), *split.widths, p, whisper_model, split.text_model,
-                              data.max_units_per_token(train_ex), split.speaker_width)
-    if init:
-        train.init_from(model, models / init)
-    fp = checkpoint.fingerprint(p, name, [*inputs, *([spk] if spk else [])])
+    tables = {k: files.get(f"{k}_path") for k in ("manifest", "whisper", "text", "s3", "speaker", "words")}
+    prep = train.prepare(name, p, tables, whisper_model, params.load("base", params_file).seed,
+                         models / init if init else None)
     t = time.perf_counter()
-    summary = train.fit(model, train_ex, val_ex, p, models / name, None, models / ".resume" / name, fp)
+    summary = train.fit(prep.model, prep.train_ex, prep.val_ex, p, models / name, None, models / ".resume" / name,
+                        prep.fingerprint)
     print(f"scaling_direct: {name} in {time.perf_counter() - t:.0f} s, best val NLL {summary['best']['val_nll']:.4f}")
     return summary
 

@@ -14,11 +14,10 @@ import argparse
 import contextlib
 import dataclasses
 import sys
-from pathlib import Path
 
 from dvclive import Live
 
-from taste_pipeline import checkpoint, data, hardware, params, train, train_params
+from taste_pipeline import hardware, params, train, train_params
 from taste_pipeline.ranks import Ranks, relaunch
 
 
@@ -51,33 +50,25 @@ def main() -> None:
     p = dataclasses.replace(p, device=device, amp=amp)
     if p.speaker != "none" and args.speaker is None:
         sys.exit(f"train.speaker: {p.speaker} needs --speaker (the speaker stage's table): run it as dvc.yaml does")
-    words = args.words if p.unit_alignment == "oracle" else None
-    if words is not None and not Path(words).is_file():
-        sys.exit(f"train.unit_alignment: oracle reads true word timings, and {words} is not there (the synthesize "
-                 "stage writes them for the embedded corpus; other corpora have none)")
-    split, meta = data.load_split(args.manifest, args.whisper, args.text, args.s3,
-                                  args.speaker if p.speaker != "none" else None, words)
-    # The held-out speaker follows base.seed, not train.seed: seeds then differ only in initialization and
-    # batch order, so a seed sweep compares variants on the same data.
-    train_ex, val_ex = data.speaker_split(split, p.val_speakers, base.seed)
-    model = train.build_model(int(meta["vocab_size"]), *split.widths, p, w.model, split.text_model,
-                              data.max_units_per_token(train_ex), split.speaker_width)
-    if args.init:
-        got = train.init_from(model, args.init)
-        print(f"{args.variant}: starts from {args.init} ({len(got['copied'])} tensors; fresh: {len(got['fresh'])})")
+    tables = {"manifest": args.manifest, "whisper": args.whisper, "text": args.text, "s3": args.s3,
+              "speaker": args.speaker, "words": args.words}
+    try:
+        prep = train.prepare(args.variant, p, tables, w.model, base.seed, args.init)
+    except FileNotFoundError as e:
+        sys.exit(str(e))
+    model, meta = prep.model, prep.meta
+    if prep.init is not None:
+        print(f"{args.variant}: starts from {args.init} ({len(prep.init['copied'])} tensors; fresh: {len(prep.init['fresh'])})")
     parts = f"speech {p.speech}, squeeze {p.squeeze}, unit_alignment {p.unit_alignment}, speaker {p.speaker}"
-    print(f"{args.variant} ({parts}): {model.num_params() / 1e6:.2f} M parameters; {len(train_ex)} train / "
-          f"{len(val_ex)} validation utterances (speaker-disjoint); targets {meta['targets']}")
+    print(f"{args.variant} ({parts}): {model.num_params() / 1e6:.2f} M parameters; {len(prep.train_ex)} train / "
+          f"{len(prep.val_ex)} validation utterances (speaker-disjoint); targets {meta['targets']}")
     lead = ranks.rank == 0
     with Live(args.live_dir, dvcyaml=None, save_dvc_exp=False) if lead else contextlib.nullcontext() as live:
         if lead:
             live.log_params({"variant": args.variant, "speech": p.speech, "squeeze": p.squeeze, "unit_alignment": p.unit_alignment, "speaker": p.speaker, "init": init or "", "seed": p.seed, "targets": meta["targets"], "amp": amp,
                              "device": device, "cpu": hardware.cpu_description()})
-        fp = checkpoint.fingerprint(p, args.variant, [args.manifest, args.whisper, args.text, args.s3,
-                                                     *([args.speaker] if args.speaker else []),
-                                                     *([words] if words else [])])
-        summary = train.fit(model, train_ex, val_ex, p, args.model_dir, live, args.resume_dir, fp, p.checkpoint_steps,
-                            ranks)
+        summary = train.fit(model, prep.train_ex, prep.val_ex, p, args.model_dir, live, args.resume_dir,
+                            prep.fingerprint, p.checkpoint_steps, ranks)
         if lead:
             live.summary["best_val_nll"] = summary["best"]["val_nll"]
             live.summary["best_epoch"] = summary["best"]["epoch"]

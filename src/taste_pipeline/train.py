@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from . import hardware
-from .checkpoint import Progress, Resume, save_checkpoint, save_history
-from .data import Example, Loader, Subset, as_subset, batches, collate, fixed_batches, to_device
+from .checkpoint import Progress, Resume, fingerprint, save_checkpoint, save_history
+from .data import (Example, Loader, Subset, as_subset, batches, collate, fixed_batches, load_split, max_units_per_token,
+                   speaker_split, to_device)
 from .model import ModelConfig, TasteModel
 from .train_params import Train
 from .ranks import Ranks
@@ -348,3 +349,41 @@ def init_from(model: TasteModel, init_dir: str | Path) -> dict[str, list[str]]:
     copied = [k for k in ours if k in theirs]
     model.load_state_dict({**ours, **{k: theirs[k] for k in copied}})
     return {"copied": copied, "fresh": [k for k in ours if k not in theirs]}
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A variant ready for ``fit``: its model, the speaker-disjoint train/validation examples, the split's
+    metadata, the resume fingerprint and, for a finetuned variant, what ``init_from`` copied."""
+
+    model: TasteModel
+    train_ex: Subset
+    val_ex: Subset
+    meta: dict
+    fingerprint: str
+    init: dict[str, list[str]] | None
+
+
+def prepare(name: str, p: Train, tables: dict[str, str | Path | None], whisper_model: str, base_seed: int,
+            init_dir: str | Path | None = None) -> Prepared:
+    """What the train stage does between its params and ``fit``, for variant ``name`` (``p``: its params,
+    device and amp resolved), shared by every runner so they cannot drift apart. ``tables``: the train
+    split's ``manifest``, ``whisper``, ``text`` and ``s3`` tables, and ``speaker`` / ``words`` (read only
+    when ``p.speaker`` / ``p.unit_alignment: oracle`` asks for them). The validation speakers follow
+    ``base_seed`` (base.seed), not train.seed: seeds then differ only in initialization and batch order,
+    so a seed sweep compares variants on the same data."""
+    speaker = tables.get("speaker") if p.speaker != "none" else None
+    words = tables.get("words") if p.unit_alignment == "oracle" else None
+    if p.speaker != "none" and speaker is None:
+        raise ValueError(f"train.speaker: {p.speaker} reads the speaker stage's table, and none was given")
+    if p.unit_alignment == "oracle" and (words is None or not Path(words).is_file()):
+        raise FileNotFoundError(f"train.unit_alignment: oracle reads true word timings, and {words} is not there "
+                                "(the synthesize stage writes them for the embedded corpus; other corpora have none)")
+    inputs = [tables[k] for k in ("manifest", "whisper", "text", "s3")]
+    split, meta = load_split(*inputs, speaker, words)
+    train_ex, val_ex = speaker_split(split, p.val_speakers, base_seed)
+    model = build_model(int(meta["vocab_size"]), *split.widths, p, whisper_model, split.text_model,
+                        max_units_per_token(train_ex), split.speaker_width)
+    copied = init_from(model, init_dir) if init_dir is not None else None
+    fp = fingerprint(p, name, [*inputs, *(t for t in (speaker, words) if t is not None)])
+    return Prepared(model, train_ex, val_ex, meta, fp, copied)
