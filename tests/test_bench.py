@@ -47,6 +47,7 @@ def two_utterances(tiny_resampled, tmp_path_factory):
     return d / "manifest.parquet"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script,args", [
     ("whisper.py", ["--manifest", "{manifest}"]),
     ("s3.py", ["--manifest", "{manifest}"]),
@@ -59,6 +60,7 @@ def test_a_bench_runs_and_ends_with_its_ratio(script, args, two_utterances):
     assert last.startswith("ratio: ") and float(last.split()[1]) >= 0, last
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["whisper", "evaluate"])  # evaluate trains the variants first: the train stage too
 def test_the_memory_bench_runs_every_stage_it_measures(stage):
     out = _bench("memory.py", "--stage", stage, "--n", "2", "--seconds", "2")
@@ -70,6 +72,7 @@ def tiny_pack(tmp_path_factory):
     return gpu_pack.pack_whisper(tmp_path_factory.mktemp("pack") / "tiny.en-fp16.safetensors")
 
 
+@pytest.mark.slow
 def test_the_gpu_bench_runs_its_whole_path_on_a_cpu(tmp_path, tiny_pack):
     """bench/gpu.py's dry run on a CPU takes every section of the GPU run: the pipeline (all variants'
     parts, on tiny.en's real weights from the pack), the S3 encoder and the scale case; none may fail."""

@@ -62,6 +62,7 @@ def test_bad_values_name_the_param(tmp_path, section, doc, match):
         load(section, _write(tmp_path, {section: doc}))
 
 
+@pytest.mark.slow
 def test_stage_scripts_name_the_param_for_bad_inputs(tmp_path):
     """A missing split folder and a layer the encoder lacks: the stage fails at once naming the param."""
     import subprocess
