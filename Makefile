@@ -12,8 +12,8 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 # (27 s against ~110 s here, which counts against make repro's budget); where uv cannot be installed or
 # fails, pip does it. On failure, say how much room there was. --compile-bytecode: uv writes no .pyc by
 # default (pip does), and where PYTHONDONTWRITEBYTECODE is set nothing writes them later, so every stage
-# process compiled torch's and transformers' sources again: 2.2 s instead of 3.8 s to import torch on a
-# 2-core AMD EPYC without AVX-512, 6.3 s instead of 12 s for transformers' Whisper classes.
+# process compiled torch's and transformers' sources again, about twice the import time
+# (docs/PERFORMANCE.md, bench/startup.py).
 $(BIN)/.installed: requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --no-cache-dir --upgrade pip

@@ -138,6 +138,30 @@ def test_a_finetuned_variant_starts_from_the_other_checkpoint(tmp_path):
         train.init_from(wider, tmp_path / "text_only")
 
 
+def test_prepare_reads_only_the_tables_a_variant_uses(tiny_tables, tmp_path):
+    """train.prepare (the train stage's and scripts/scaling_direct.py's way to a model): the speaker table
+    is read, and names the resume state, only for speaker: embedding; asked for and missing, it is an
+    error naming the param; the validation speakers follow base.seed, not train.seed."""
+    tables = {k[: -len("_path")]: v for k, v in tiny_tables.items()}
+    p = Train(d_model=32, n_heads=2, n_layers=1, d_ff=64, agg_layers=1, agg_init="fresh", speech="none",
+              speaker="none", val_speakers=1, seed=1)
+    alone = train.prepare("text_only", p, {k: v for k, v in tables.items() if k != "speaker"}, None, 0)
+    told = train.prepare("text_only", dataclasses.replace(p, speaker="embedding"), tables, None, 0)
+    assert alone.meta["vocab_size"] == told.meta["vocab_size"] and alone.init is None
+    assert alone.model.cfg.speaker == "none" and told.model.cfg.speaker == "embedding"
+    assert alone.fingerprint != told.fingerprint
+    assert train.prepare("text_only", p, tables, None, 0).fingerprint == alone.fingerprint  # given, not read
+    with pytest.raises(ValueError, match="train.speaker: embedding"):
+        train.prepare("text_only", dataclasses.replace(p, speaker="embedding"), {**tables, "speaker": None}, None, 0)
+    with pytest.raises(FileNotFoundError, match="train.unit_alignment: oracle"):
+        train.prepare("text_only", dataclasses.replace(p, unit_alignment="oracle"), tables, None, 0)
+    other_seed = train.prepare("text_only", dataclasses.replace(p, seed=2), tables, None, 0)
+    assert other_seed.val_ex.indices == alone.val_ex.indices
+    checkpoint.save_checkpoint(alone.model, tmp_path / "text_only", {})
+    ft = train.prepare("text_only_ft", p, tables, None, 0, tmp_path / "text_only")
+    assert ft.init["copied"] and not ft.init["fresh"]
+
+
 def test_the_schedule_spans_every_step_windowed_batching_takes(tmp_path):
     """With buffer_rows under the split, each window ends in a short batch: more steps than ceil(N / batch)
     per epoch. The cosine must reach its floor at the last step, not bottom out before it."""
