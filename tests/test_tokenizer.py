@@ -108,10 +108,8 @@ def float32_whisper(tiny_tables, tmp_path_factory):
 
 
 @pytest.mark.parametrize("model", ["rvq_dir", "rvq_durations_dir"])
-def test_tokenize_split_writes_the_codes_the_api_gives(model, tiny_tables, float32_whisper, tmp_path, request,
-                                                       monkeypatch):
+def test_tokenize_split_writes_the_codes_the_api_gives(model, tiny_tables, float32_whisper, tmp_path, request):
     rvq_dir = request.getfixturevalue(model)
-    monkeypatch.setattr(hardware, "auto_dtype", lambda device: "float32")  # the API's Whisper, as the table's
     bits = 3 * 4 + (8 if model == "rvq_durations_dir" else 0)
     out = tmp_path / "codes.parquet"
     n = tokenizer.tokenize_split(rvq_dir, tiny_tables["manifest_path"], float32_whisper,
@@ -124,8 +122,9 @@ def test_tokenize_split_writes_the_codes_the_api_gives(model, tiny_tables, float
     assert float(meta["bits_per_token"]) == bits
     tokens = sum(len(t) for t in table.column("token_ids").to_pylist())
     assert float(meta["bitrate_bps"]) == pytest.approx(tokens * bits / float(np.sum(manifest.column("duration"))))
-    # The API from the audio file gives the stage's codes (the same features, rounded as the table stores them).
-    tok = TasteTokenizer.load(rvq_dir)
+    # The API from the audio file gives the stage's codes (the same features, rounded as the table stores
+    # them), with Whisper in the table's precision whatever this CPU's auto is.
+    tok = TasteTokenizer.load(rvq_dir, whisper_dtype="float32")
     row = manifest.to_pylist()[0]
     codes = tok.encode(tiny_tables["manifest_path"].parent / row["audio_path"], row["text"])
     np.testing.assert_array_equal(codes, tables.row_matrix(table, "codes", 0))
@@ -236,6 +235,25 @@ def test_any_rate_and_channel_count_goes_through_the_pipelines_resampling(rvq_di
     codes = tok.encode(stereo44, row["text"])
     assert codes.shape == (len(tok.text_tokens(row["text"])), 3)
     assert tok.encode((np.stack([up, up], axis=1), 44100), row["text"]).tolist() == codes.tolist()
+
+
+def test_whisper_precision_is_the_callers_choice(rvq_dir, tiny_tables, monkeypatch, capsys):
+    """``auto`` follows this machine as the whisper stage does; an explicit precision overrides it, from
+    the API and the CLI; a precision that does not exist is refused before any model loads."""
+    monkeypatch.setattr(hardware, "auto_dtype", lambda device: "bfloat16")  # as on a CPU with AMX
+    assert TasteTokenizer.load(rvq_dir).states().dtype_name == "bfloat16"
+    assert TasteTokenizer.load(rvq_dir, whisper_dtype="float32").states().dtype_name == "float32"
+    with pytest.raises(tokenizer.TokenizerError, match="float8"):
+        TasteTokenizer.load(rvq_dir, whisper_dtype="float8")
+    row = tables.read_manifest(tiny_tables["manifest_path"]).to_pylist()[0]
+    wav = str(tiny_tables["manifest_path"].parent / row["audio_path"])
+    built = []
+    real = whisper.WhisperStates.__init__
+    monkeypatch.setattr(whisper.WhisperStates, "__init__",
+                        lambda self, *a, **k: (real(self, *a, **k), built.append(self.dtype_name))[0])
+    assert tokenizer.main(["encode", "--model", str(rvq_dir), "--whisper-dtype", "float32", wav, row["text"]]) == 0
+    assert built == ["float32"]
+    capsys.readouterr()
 
 
 def test_cli_round_trip(rvq_dir, tiny_tables, tmp_path, capsys):

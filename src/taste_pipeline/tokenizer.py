@@ -15,6 +15,10 @@ of the encoded speech, which decode then uses unless ``--speaker`` names another
 A checkpoint names the Whisper model (and its middle layer and windows) and the text model and case
 its features were made with (``features`` in its config.json, from the tables it was trained on), so
 new audio goes through the same resampling, Whisper layers and text tokenization as the pipeline's.
+Whisper's precision is a choice of this machine, as in the whisper stage: ``whisper_dtype="auto"``
+(``--whisper-dtype``) is bfloat16 only where the hardware computes it natively. The tables the model was
+trained on record theirs (``features["whisper.dtype"]``); pass it to get their states exactly (in
+bfloat16 the last layer also depends on which windows share a batch, so only float32 is exact).
 
 The tokenize stage (``tokenize_split``) writes the codes of a whole split from the pipeline's own
 whisper and text tables, through the same sharded runner as the whisper and s3 stages.
@@ -47,8 +51,10 @@ def _require_quantizer(model, model_dir) -> None:
 
 
 class TasteTokenizer:
-    def __init__(self, model, info: dict, model_dir: str | Path, device: str = "cpu"):
+    def __init__(self, model, info: dict, model_dir: str | Path, device: str = "cpu", whisper_dtype: str = "auto"):
         _require_quantizer(model, model_dir)
+        if whisper_dtype not in hardware.CHOICES:
+            raise TokenizerError(f"whisper_dtype {whisper_dtype!r} is not one of {list(hardware.CHOICES)}")
         feats = info.get("features") or {}
         need = ("whisper.model", "whisper.mid_layer", "text.model", "text.case")
         missing = [k for k in need if k not in feats]
@@ -56,6 +62,7 @@ class TasteTokenizer:
             raise TokenizerError(f"{model_dir}: config.json does not name the features it was trained on ({missing} "
                                  f"missing under 'features'); retrain it with this version of the train stage")
         self.model, self.info, self.model_dir, self.device = model, info, str(model_dir), device
+        self.whisper_dtype = whisper_dtype
         self.features = feats
         self._states = None
         self._speaker_encoder = None
@@ -63,13 +70,14 @@ class TasteTokenizer:
         self.case = feats["text.case"]
 
     @classmethod
-    def load(cls, model_dir: str | Path, device: str = "cpu") -> "TasteTokenizer":
-        """The checkpoint in ``model_dir`` and the Whisper and text models its config names."""
+    def load(cls, model_dir: str | Path, device: str = "cpu", whisper_dtype: str = "auto") -> "TasteTokenizer":
+        """The checkpoint in ``model_dir`` and the Whisper and text models its config names; Whisper runs
+        in ``whisper_dtype`` (``auto``: what this hardware computes natively)."""
         if not (Path(model_dir) / checkpoint.MODEL_FILE).exists():
             raise TokenizerError(f"{model_dir}: no {checkpoint.MODEL_FILE} (a trained model folder, e.g. models/taste_rvq)")
         device = hardware.resolve_device(device, "--device")
         model, info = checkpoint.load_checkpoint(model_dir, device)
-        return cls(model, info, model_dir, device)
+        return cls(model, info, model_dir, device, whisper_dtype)
 
     @property
     def levels(self) -> int:
@@ -92,7 +100,7 @@ class TasteTokenizer:
             windows = json.loads(f.get("whisper.windows_s", "[30]"))
             self._states = whisper_mod.WhisperStates(
                 model, whisper_mod.load_feature_extractor(f["whisper.model"], model.config.num_mel_bins),
-                int(f["whisper.mid_layer"]), 1, self.device, windows, "auto")
+                int(f["whisper.mid_layer"]), 1, self.device, windows, self.whisper_dtype)
         return self._states
 
     def text_tokens(self, transcript: str) -> list[int]:
@@ -270,9 +278,12 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--model", required=True, help="a taste_rvq model folder, e.g. models/taste_rvq")
         p.add_argument("--device", default="cpu")
         p.add_argument("text", help="the transcript")
+    enc.add_argument("--whisper-dtype", default="auto", choices=hardware.CHOICES,
+                     help="Whisper's precision (auto: bfloat16 only where native; the training tables' is "
+                          "features.whisper.dtype in the model's config.json)")
     args = ap.parse_args(argv)
     try:
-        tok = TasteTokenizer.load(args.model, args.device)
+        tok = TasteTokenizer.load(args.model, args.device, getattr(args, "whisper_dtype", "auto"))
         if args.command == "encode":
             samples = tok.load_audio(args.audio)  # once: encode takes (samples, rate) as well as a path
             codes = tok.encode((samples, tables.SAMPLE_RATE), args.text)
