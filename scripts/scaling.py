@@ -237,6 +237,10 @@ def plot(runs: list[dict], lines: dict, marks: dict, path: Path) -> None:
                     linestyle=":", label=f"{c}: fit, extrapolated")
     ax.axhline(100 * GOAL, color="grey", linewidth=0.8, linestyle="--")
     ax.set_xscale("log")
+    # The measured sizes as plain numbers; matplotlib's minor labels (3x10^2 ...) run into each other.
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xticks(sizes + [x for x in (sizes[-1] * 2, sizes[-1] * 4) if x <= far])
+    ax.xaxis.set_major_formatter(matplotlib.ticker.StrMethodFormatter("{x:,.0f}"))
     ax.set_xlabel("training corpus (utterances, synthesize.train_utterances)")
     ax.set_ylabel("share of the NLL gap text_only → topline (%)")
     ax.set_title("Gap closed against corpus size (dotted: extrapolation)")
