@@ -233,7 +233,8 @@ def small_pipeline(work: Path, device: str, tokenizer_json: Path, train_utts: in
             train.fit(model, train_ex, val_ex, q, work / "models" / f"profile-{kind}", None,
                       work / "resume" / f"profile-{kind}", "fp")
         out[f"profile_train_{kind}"] = parts.shares()
-        print(show(f"train {kind} (1 epoch, validation included; rest = the model's steps and validation passes, checkpoints)", parts.shares()))
+        print(show(f"train {kind} (1 epoch, validation included; rest = the model's steps and validation "
+                   "passes, checkpoints)", parts.shares()))
 
 
 def s3_encoder(device: str, audios: list[np.ndarray], out: dict) -> None:

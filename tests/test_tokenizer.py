@@ -239,7 +239,7 @@ def test_any_rate_and_channel_count_goes_through_the_pipelines_resampling(rvq_di
 
 def test_whisper_precision_is_the_callers_choice(rvq_dir, tiny_tables, monkeypatch, capsys):
     """``auto`` follows this machine as the whisper stage does; an explicit precision overrides it, from
-    the API and the CLI; a precision that does not exist is refused before any model loads."""
+    the API and the CLI; a precision that does not exist is refused with an error naming it."""
     monkeypatch.setattr(hardware, "auto_dtype", lambda device: "bfloat16")  # as on a CPU with AMX
     assert TasteTokenizer.load(rvq_dir).states().dtype_name == "bfloat16"
     assert TasteTokenizer.load(rvq_dir, whisper_dtype="float32").states().dtype_name == "float32"
