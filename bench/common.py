@@ -51,3 +51,29 @@ def timed(fn, *args, repeat: int = 1):
         out = fn(*args)
         best = min(best, time.perf_counter() - t)
     return out, best
+
+
+def make_tables(out: Path, n: int, seconds: int, width: int = 384, seed: int = 0,
+                rows_per_group: int = 8) -> dict[str, Path]:
+    """The five tables of a split of ``n`` utterances (4 speakers), random features."""
+    rng = np.random.default_rng(seed)
+    out.mkdir(parents=True)
+    frames = tables.frames_for(seconds * tables.SAMPLE_RATE)
+    ids = [f"{i % 4}-1-{i:04d}" for i in range(n)]
+    manifest = {"utt_id": ids, "speaker_id": [u.split("-")[0] for u in ids], "chapter_id": ["1"] * n,
+                "text": ["memory probe"] * n, "num_samples": [seconds * tables.SAMPLE_RATE] * n,
+                "duration": [float(seconds)] * n, "audio_path": [f"audio/{u}.flac" for u in ids]}
+    tables.write_table(out / "manifest.parquet", manifest, tables.MANIFEST)
+    mats = lambda rows: tables.matrix_column([rng.standard_normal((rows, width)).astype(np.float16) for _ in ids], width)  # noqa: E731
+    tokens = 3 * seconds
+    tables.write_table(out / "whisper.parquet", {"utt_id": ids, "num_frames": [frames] * n, "mid": mats(frames),
+                                                 "last": mats(frames)}, tables.whisper_schema(width, width),
+                       rows_per_group=rows_per_group)
+    tables.write_table(out / "text.parquet", {"utt_id": ids, "token_ids": [list(range(100, 100 + tokens))] * n,
+                                              "emb": mats(tokens)}, tables.text_schema(width), rows_per_group=rows_per_group)
+    tables.write_table(out / "s3.parquet", {"utt_id": ids, "num_tokens": [frames] * n,
+                                            "tokens": [rng.integers(0, 16, frames).tolist() for _ in ids]},
+                       tables.S3, metadata={"targets": "random (memory probe)", "vocab_size": "16"}, rows_per_group=rows_per_group)
+    tables.write_table(out / "speaker.parquet", {"utt_id": ids, "emb": rng.standard_normal((n, 256)).tolist()},
+                       tables.speaker_schema(256), metadata={"speaker.source": "random (memory probe)"})
+    return {k: out / f"{k}.parquet" for k in ("manifest", "whisper", "text", "s3", "speaker")}

@@ -53,7 +53,8 @@ def two_utterances(tiny_resampled, tmp_path_factory):
     ("s3.py", ["--manifest", "{manifest}"]),
     ("train.py", ["--utterances", "4", "--batch-size", "2"]),
     ("startup.py", ["--stages", "vocoder", "--repeat", "1"]),
-], ids=["whisper", "s3", "train", "startup"])
+    ("read.py", ["--n", "8", "--seconds", "2", "--repeat", "1"]),
+], ids=["whisper", "s3", "train", "startup", "read"])
 def test_a_bench_runs_and_ends_with_its_ratio(script, args, two_utterances):
     out = _bench(script, *[a.format(manifest=two_utterances) for a in args])
     last = out.strip().splitlines()[-1]

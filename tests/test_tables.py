@@ -24,6 +24,37 @@ def test_matrix_round_trip_through_parquet(tmp_path):
         np.testing.assert_array_equal(tables.row_matrix(back, "last", i), m.astype(np.float16))
 
 
+def test_matrix_rows_are_every_rows_matrix_of_any_row_group(tmp_path):
+    """``matrix_rows`` (the training reader's) agrees with ``row_matrix`` row by row, in a row group
+    that is not the file's first and in a column read as several chunks."""
+    table, mats = _whisper_table(frames=(3, 5, 0, 7, 2))
+    tables.write_table(tmp_path / "w.parquet", table, table.schema, rows_per_group=2)
+    f = pq.ParquetFile(tmp_path / "w.parquet")
+    group = f.read_row_group(1)
+    assert [m.shape for m in tables.matrix_rows(group, "mid")] == [(0, 4), (7, 4)]
+    whole = pq.read_table(tmp_path / "w.parquet")
+    assert whole.column("mid").num_chunks > 1
+    for i, m in enumerate(tables.matrix_rows(whole, "mid")):
+        np.testing.assert_array_equal(m, tables.row_matrix(whole, "mid", i))
+        np.testing.assert_array_equal(m, mats[i].astype(np.float16))
+
+
+def test_float_matrices_are_written_without_dictionary_pages(tmp_path):
+    """Dictionary pages make float16 matrices several times slower to read (bench/read.py): the
+    pipeline's writers keep them for ids and counts only."""
+    table, _ = _whisper_table()
+    tables.write_table(tmp_path / "a.parquet", table, table.schema)
+    with tables.TableWriter(tmp_path / "b.parquet", table.schema) as w:
+        w.write(table.to_pydict())
+    with tables.TableWriter(tmp_path / "c.parquet", table.schema, partial_dir=tmp_path / "parts") as w:
+        w.write(table.to_pydict(), 0)
+    for name in "abc":
+        meta = pq.ParquetFile(tmp_path / f"{name}.parquet").metadata.row_group(0)
+        dictionary = {meta.column(i).path_in_schema: meta.column(i).has_dictionary_page for i in range(meta.num_columns)}
+        assert dictionary == {"utt_id": True, "num_frames": True, "mid.list.element.list.element": False,
+                              "last.list.element.list.element": False}, (name, dictionary)
+
+
 def test_frame_count_mismatch_names_the_utterance():
     table, _ = _whisper_table(n_override=(3, 6))
     with pytest.raises(tables.SchemaError, match="u1"):

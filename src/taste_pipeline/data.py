@@ -8,7 +8,6 @@ import random
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -174,22 +173,25 @@ class Split:
     def examples(self, indices) -> dict[int, Example]:
         """The Examples of ``indices``, each row group read once."""
         want = sorted(set(indices))
-        rows: dict[str, dict[int, pa.Table]] = {"whisper": {}, "text": {}}
+        # (table, row group) -> column -> that row group's matrices
+        rows: dict[tuple[str, int], dict[str, list[np.ndarray]]] = {}
         for name, f in self.files.items():
-            cols = ["utt_id", "num_frames", "mid", "last"] if name == "whisper" else ["utt_id", "token_ids", "emb"]
+            cols = ["mid", "last"] if name == "whisper" else ["emb"]
             for g in sorted({self.where[name][i][0] for i in want}):
-                rows[name][g] = self.validators[name](f.read_row_group(g, columns=cols),
-                                                      f"{self.paths[name]} row group {g}")
+                read = f.read_row_group(g, columns=["utt_id", "num_frames", *cols] if name == "whisper"
+                                        else ["utt_id", "token_ids", *cols])
+                read = self.validators[name](read, f"{self.paths[name]} row group {g}")
+                rows[name, g] = {c: tables.matrix_rows(read, c) for c in cols}
         out = {}
         for i in want:
             (wg, wr), (tg, tr) = self.where["whisper"][i], self.where["text"][i]
-            w, t = rows["whisper"][wg], rows["text"][tg]
+            w, t = rows["whisper", wg], rows["text", tg]
             out[i] = Example(
                 utt_id=self.utt_ids[i], speaker_id=self.speaker_ids[i], text=self.texts[i],
                 token_ids=self._token_ids[i],
-                text_emb=torch.from_numpy(tables.row_matrix(t, "emb", tr).copy()),
-                mid=torch.from_numpy(tables.row_matrix(w, "mid", wr).copy()),
-                last=torch.from_numpy(tables.row_matrix(w, "last", wr).copy()),
+                text_emb=torch.from_numpy(t["emb"][tr].copy()),
+                mid=torch.from_numpy(w["mid"][wr].copy()),
+                last=torch.from_numpy(w["last"][wr].copy()),
                 units=torch.from_numpy(self._units[i].astype(np.int64)),
                 speaker=None if self._speakers is None else torch.from_numpy(self._speakers[i].copy()),
                 durations=None if self._durations is None else self._durations[i])
