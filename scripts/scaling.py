@@ -12,10 +12,12 @@ Every finished run is appended to the results file (default docs/results/scaling
 machine and precision (a point is a size, a seed and a precision: a seed run again in another precision
 is another row), so a stopped study resumes where it stopped and the table does not depend on
 experiments kept in the repository. Runs need a clean checkout: each point is committed code.
-Then the table (markdown, printed), docs/results/scaling.csv (the DVC plot) and docs/results/scaling.png:
-the share of the NLL gap closed against training utterances on a log axis, with a least-squares line
-in log10(size) per configuration and where it would cross TASTE's design reaching the default's share
-and 40 %: extrapolation, beyond the sizes measured.
+Then the table (markdown, printed), docs/results/scaling.csv and scaling_wer.csv (the DVC plots) and
+docs/results/scaling.png: the share of the NLL gap closed against training utterances on a log axis,
+with a least-squares line in log10(size) per configuration and where it would cross TASTE's design
+reaching the default's share and 40 % (extrapolation, beyond the sizes measured); beside it the share
+of the rebuilt speech's WER gap each headline variant closes, per seed and with its mean per size, and
+no line: from 16 rebuilt utterances it moves with the seed more than with the size.
 """
 
 from __future__ import annotations
@@ -165,7 +167,7 @@ def fmt(xs: list[float]) -> str:
     return f"{100 * statistics.mean(xs):.1f} ± {100 * statistics.stdev(xs):.1f}"
 
 
-def report(data: dict, csv_path: Path, png_path: Path) -> None:
+def report(data: dict, csv_path: Path, png_path: Path, wer_csv_path: Path | None = None) -> None:
     runs = data["runs"]
     if not runs:
         print("no runs yet")
@@ -211,6 +213,15 @@ def report(data: dict, csv_path: Path, png_path: Path) -> None:
         for r in sorted(runs, key=lambda r: (r["train_utterances"], r["seed"])):
             s = shares(r["metrics"])
             w.writerow([r["train_utterances"], r["seed"], *(f"{100 * s[v]:.2f}" if v in s else "" for v in variants)])
+    wer_csv_path = wer_csv_path or csv_path.with_name(f"{csv_path.stem}_wer.csv")
+    with open(wer_csv_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["train_utterances", "seed", *HEADLINE.values()])
+        for r in sorted(runs, key=lambda r: (r["train_utterances"], r["seed"])):
+            s = shares(r["metrics"])
+            if any(f"{v} wer" in s for v in HEADLINE.values()):
+                w.writerow([r["train_utterances"], r["seed"],
+                            *(f"{100 * s[f'{v} wer']:.2f}" if f"{v} wer" in s else "" for v in HEADLINE.values())])
     plot(runs, lines, marks, png_path)
 
 
@@ -220,7 +231,7 @@ def plot(runs: list[dict], lines: dict, marks: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (ax, wer_ax) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [7, 5]})
     colours = {"default": "tab:blue", "TASTE's design": "tab:orange"}
     sizes = sorted({r["train_utterances"] for r in runs})
     far = max([sizes[-1] * 4] + [x for x in marks.values() if x and x < 1e9])
@@ -245,10 +256,55 @@ def plot(runs: list[dict], lines: dict, marks: dict, path: Path) -> None:
     ax.set_ylabel("share of the NLL gap text_only → topline (%)")
     ax.set_title("Gap closed against corpus size (dotted: extrapolation)")
     ax.legend(fontsize=8)
+    plot_wer(wer_ax, runs, sizes, colours)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+WER_AXIS = (-100.0, 100.0)  # % of the WER gap; a seed beyond it is drawn at the edge (its value in the CSV)
+
+
+def plot_wer(ax, runs: list[dict], sizes: list[int], colours: dict) -> None:
+    """The rebuilt speech's WER gap closed per seed (hollow) and its mean per size (filled, joined)."""
+    import matplotlib
+
+    lo, hi = WER_AXIS
+    clip = lambda y: min(max(y, lo), hi)  # noqa: E731
+    for k, (c, v) in enumerate(HEADLINE.items()):
+        by = {}
+        for r in runs:
+            s = shares(r["metrics"])
+            if f"{v} wer" in s:
+                by.setdefault(r["train_utterances"], []).append(100 * s[f"{v} wer"])
+        if not by:
+            continue
+        # The two configurations side by side at each size, so their seeds do not hide each other.
+        nudge = 1.04 ** (k - 0.5)
+        pts = [(n * nudge, y) for n in sorted(by) for y in by[n]]
+        ax.scatter([x for x, _ in pts], [clip(y) for _, y in pts], facecolors="none", edgecolors=colours[c],
+                   label=f"{c} ({v}), one run", zorder=3)
+        means = [(n * nudge, statistics.mean(by[n])) for n in sorted(by)]
+        ax.plot([x for x, _ in means], [clip(y) for _, y in means], color=colours[c], marker="o",
+                label=f"{c}: mean over the runs")
+        # A value off the axis is drawn at its edge and written beside it (a run's below a mean's).
+        for what, xy, dy in (("a run", pts, -4), ("mean", means, 6)):
+            for x, y in xy:
+                if clip(y) != y:
+                    ax.annotate(f"{what}: {y:.0f} %", (x, clip(y)), textcoords="offset points",
+                                xytext=(8, dy if y < lo else -dy), fontsize=7, color=colours[c], va="center")
+    ax.axhline(0, color="grey", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xticks(sizes)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.StrMethodFormatter("{x:,.0f}"))
+    ax.set_ylim(lo - 10, hi + 10)
+    ax.set_xlabel("training corpus (utterances)")
+    ax.set_ylabel("share of the rebuilt speech's WER gap (%)")
+    ax.set_title(f"Rebuilt speech: WER gap closed\n(16 utterances, no fit; beyond ±{hi:.0f} %: at the edge)",
+                 fontsize=10)
+    ax.legend(fontsize=8)
 
 
 def main() -> None:
@@ -259,6 +315,8 @@ def main() -> None:
                     "does not change what is computed, e.g. train.device=cuda (the table names it)")
     ap.add_argument("--results", type=Path, default=ROOT / "docs/results/scaling.json")
     ap.add_argument("--csv", type=Path, default=ROOT / "docs/results/scaling.csv")
+    ap.add_argument("--wer-csv", type=Path, default=None,
+                    help="the WER-gap DVC plot's data (default: beside --csv, its name + _wer)")
     ap.add_argument("--png", type=Path, default=ROOT / "docs/results/scaling.png")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
@@ -272,7 +330,7 @@ def main() -> None:
                     print(f"scaling: {name(size, seed)} is in {args.results}, skipped")
                     continue
                 run(size, seed, args.set, args.results)
-    report(load(args.results), args.csv, args.png)
+    report(load(args.results), args.csv, args.png, args.wer_csv)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,8 @@ def test_the_report_writes_the_table_csv_and_plot(tmp_path, monkeypatch, capsys)
     assert f"~{250 * 10 ** 7.6:,.0f}" in line
     rows = list(csv.DictReader(out_csv.open()))
     assert len(rows) == 6 and float(rows[0]["taste_rvq"]) == pytest.approx(10.0)
+    wer = list(csv.DictReader((tmp_path / "scaling_wer.csv").open()))  # beside --csv, as dvc.yaml reads it
+    assert len(wer) == 6 and float(wer[0]["taste_rvq"]) == pytest.approx(30.0) and wer[0]["taste_plain_rvq"] == ""
     assert png.stat().st_size > 10_000
 
 
@@ -90,14 +92,15 @@ def test_the_dvc_plot_draws_every_variant_the_script_writes():
     mod = load_script("scripts/scaling.py")
     root = Path(__file__).parents[1]
     plots = yaml.safe_load((root / "dvc.yaml").read_text())["plots"]
-    entry = next(p["Gap closed against corpus size"] for p in plots
-                 if isinstance(p, dict) and "Gap closed against corpus size" in p)
-    assert entry["template"] == "scaling" and (root / ".dvc/plots/scaling.json").exists()
-    csv_path, columns = mod.ROOT / "docs/results/scaling.csv", [v for _, v, _ in mod.SERIES]
-    assert entry["y"] == {str(csv_path.relative_to(root)): columns}
-    if csv_path.exists():
-        with open(csv_path) as f:
-            assert next(csv.reader(f)) == [entry["x"], "seed", *columns]
+    for title, csv_name, columns in (("Gap closed against corpus size", "scaling.csv", [v for _, v, _ in mod.SERIES]),
+                                     ("WER gap closed against corpus size", "scaling_wer.csv", list(mod.HEADLINE.values()))):
+        entry = next(p[title] for p in plots if isinstance(p, dict) and title in p)
+        assert entry["template"] == "scaling" and (root / ".dvc/plots/scaling.json").exists()
+        csv_path = mod.ROOT / "docs/results" / csv_name
+        assert entry["y"] == {str(csv_path.relative_to(root)): columns}
+        if csv_path.exists():
+            with open(csv_path) as f:
+                assert next(csv.reader(f)) == [entry["x"], "seed", *columns]
 
 
 @pytest.mark.slow
