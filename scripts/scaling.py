@@ -143,6 +143,20 @@ def shares(m: dict) -> dict[str, float]:
     return out
 
 
+def print_runs(runs: list[dict], variants: list[str]) -> None:
+    """Every run on a line of its own (markdown): what the table's means and spreads are made of."""
+    wer = list(HEADLINE.values())
+    print("| train utterances | seed | commit | machine, precision | " + " | ".join(f"{v} (% of NLL gap)" for v in variants)
+          + " | " + " / ".join(wer) + " WER gap closed (%) |")
+    print("|---|---|---|---|" + "---|" * (len(variants) + 1))
+    pct = lambda s, k: f"{100 * s[k]:.1f}" if k in s else ""  # noqa: E731
+    for r in sorted(runs, key=lambda r: (r["train_utterances"], str(r.get("precision")), r["seed"])):
+        s = shares(r["metrics"])
+        print(f"| {r['train_utterances']} | {r['seed']} | {r['commit'][:7]} | {r['machine']}, {r['precision']}"
+              + (f" ({' '.join(r['sets'])})" if r["sets"] else "") + " | "
+              + " | ".join(pct(s, v) for v in variants) + " | " + " / ".join(pct(s, f"{v} wer") for v in wer) + " |")
+
+
 def fit(points: list[tuple[float, float]]) -> tuple[float, float] | None:
     """Least squares share = a + b * log10(size) over every (size, share) point; None under two sizes."""
     if len({x for x, _ in points}) < 2:
@@ -189,11 +203,22 @@ def report(data: dict, csv_path: Path, png_path: Path, wer_csv_path: Path | None
                         for r in row})
         print(f"| {n} | {', '.join(str(r['seed']) for r in row)} | {', '.join(sorted({r['commit'][:7] for r in row}))} "
               f"| {'; '.join(where)} | " + " | ".join(cells + wer) + " |")
+    print()
+    print_runs(runs, variants)
     lines = {c: fit([(r["train_utterances"], shares(r["metrics"])[v]) for r in runs if v in shares(r["metrics"])])
              for c, v in HEADLINE.items()}
     for c, line in lines.items():
         if line:
             print(f"fit {c} ({HEADLINE[c]}): share = {100 * line[0]:.1f} % + {100 * line[1]:.1f} % per tenfold utterances")
+    for c, v in HEADLINE.items():  # every run of a size counts once, whatever its precision
+        means = [statistics.mean(shares(r["metrics"])[v] for r in by[n]) for n in sizes]
+        steps = ", ".join(f"{a:,} -> {b:,} {100 * (y - x):+.1f}" for a, b, x, y in zip(sizes, sizes[1:], means, means[1:]))
+        print(f"{c} ({v}), mean of every run of a size: "
+              + ", ".join(f"{n:,}: {100 * m:.1f} %" for n, m in zip(sizes, means)) + f"; per step: {steps}")
+        if lines[c]:
+            on = lines[c][0] + lines[c][1] * math.log10(sizes[-1])
+            print(f"{c} at {sizes[-1]:,}: the mean {100 * means[-1]:.1f} %, the line {100 * on:.1f} % "
+                  f"({100 * (means[-1] - on):+.1f} points)")
     default_at = {n: statistics.mean(shares(r["metrics"])[HEADLINE["default"]] for r in by[n]) for n in sizes}
     ref = max(sizes)
     marks = {}

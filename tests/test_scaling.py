@@ -147,5 +147,9 @@ def test_a_seed_in_another_precision_is_its_own_row(tmp_path, monkeypatch, capsy
     monkeypatch.setattr(sys, "argv", ["scaling.py", "--report-only", "--results", str(results), "--csv",
                                       str(tmp_path / "s.csv"), "--png", str(tmp_path / "s.png")])
     mod.main()
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 250 |")]
+    summary, per_run = capsys.readouterr().out.split("\n\n")[:2]
+    rows = [line for line in summary.splitlines() if line.startswith("| 250 |")]
     assert len(rows) == 2 and "| 1, 2 |" in rows[0] and "another CPU, float32" in rows[1] and "| 1 |" in rows[1]
+    # The second table has every run on a line of its own: the same seed in two precisions twice.
+    runs = [line for line in per_run.splitlines() if line.startswith("| 250 |")]
+    assert len(runs) == 3 and sum(line.startswith("| 250 | 1 |") for line in runs) == 2
