@@ -143,6 +143,12 @@ def shares(m: dict) -> dict[str, float]:
     return out
 
 
+def wer_shares(r: dict) -> dict[str, float]:
+    """A run's share of the rebuilt speech's WER gap (%) per headline variant that has one."""
+    s = shares(r["metrics"])
+    return {v: 100 * s[f"{v} wer"] for v in HEADLINE.values() if f"{v} wer" in s}
+
+
 def print_runs(runs: list[dict], variants: list[str]) -> None:
     """Every run on a line of its own (markdown): what the table's means and spreads are made of."""
     wer = list(HEADLINE.values())
@@ -243,10 +249,8 @@ def report(data: dict, csv_path: Path, png_path: Path, wer_csv_path: Path | None
         w = csv.writer(f)
         w.writerow(["train_utterances", "seed", *HEADLINE.values()])
         for r in sorted(runs, key=lambda r: (r["train_utterances"], r["seed"])):
-            s = shares(r["metrics"])
-            if any(f"{v} wer" in s for v in HEADLINE.values()):
-                w.writerow([r["train_utterances"], r["seed"],
-                            *(f"{100 * s[f'{v} wer']:.2f}" if f"{v} wer" in s else "" for v in HEADLINE.values())])
+            if s := wer_shares(r):
+                w.writerow([r["train_utterances"], r["seed"], *(f"{s[v]:.2f}" if v in s else "" for v in HEADLINE.values())])
     plot(runs, lines, marks, png_path)
 
 
@@ -300,9 +304,8 @@ def plot_wer(ax, runs: list[dict], sizes: list[int], colours: dict) -> None:
     for k, (c, v) in enumerate(HEADLINE.items()):
         by = {}
         for r in runs:
-            s = shares(r["metrics"])
-            if f"{v} wer" in s:
-                by.setdefault(r["train_utterances"], []).append(100 * s[f"{v} wer"])
+            if v in (s := wer_shares(r)):
+                by.setdefault(r["train_utterances"], []).append(s[v])
         if not by:
             continue
         # The two configurations side by side at each size, so their seeds do not hide each other.
