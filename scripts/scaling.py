@@ -34,6 +34,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+from taste_pipeline.tables import atomic_path  # noqa: E402  (src/ is not installed for scripts)
 EXTRA = {
     "train.variants.taste_plain": "{speech: tokens, unit_alignment: none}",
     "train.finetune.taste_plain_rvq": "{squeeze: rvq, init: taste_plain, lr: 0.0005, epochs: 4, warmup_steps: 50, "
@@ -54,7 +56,6 @@ def name(size: int, seed: int) -> str:
 
 def machine(sets: list[str]) -> dict:
     """Where and in what precision the run trained (train.device and train.amp as the run resolves them)."""
-    sys.path.insert(0, str(ROOT / "src"))
     import torch
 
     from taste_pipeline import hardware, train_params
@@ -117,10 +118,8 @@ def record(results: Path, size: int, seed: int, sets: list[str], metrics: dict, 
     data = load(results)
     data["runs"] = [r for r in data["runs"] if not same_point(r, size, seed, sets, where.get("precision"))]
     data["runs"].append(rec)
-    results.parent.mkdir(parents=True, exist_ok=True)
-    tmp = results.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(results)
+    with atomic_path(results) as tmp:
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
 
 
 def same_point(r: dict, size: int, seed: int, sets: list[str], precision: str | None) -> bool:
@@ -237,15 +236,15 @@ def report(data: dict, csv_path: Path, png_path: Path, wer_csv_path: Path | None
     x = crossing(lines["default"], GOAL)
     print(f"extrapolation: the default would reach {100 * GOAL:.0f} % at " + (f"~{x:,.0f} training utterances" if x else "no size"))
 
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(csv_path, "w", newline="") as f:
+    # The CSVs and the PNG are what `dvc plots` and the docs read: a report stopped halfway leaves the old ones.
+    with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["train_utterances", "seed", *variants])
         for r in sorted(runs, key=lambda r: (r["train_utterances"], r["seed"])):
             s = shares(r["metrics"])
             w.writerow([r["train_utterances"], r["seed"], *(f"{100 * s[v]:.2f}" if v in s else "" for v in variants)])
     wer_csv_path = wer_csv_path or csv_path.with_name(f"{csv_path.stem}_wer.csv")
-    with open(wer_csv_path, "w", newline="") as f:
+    with atomic_path(wer_csv_path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["train_utterances", "seed", *HEADLINE.values()])
         for r in sorted(runs, key=lambda r: (r["train_utterances"], r["seed"])):
@@ -287,8 +286,8 @@ def plot(runs: list[dict], lines: dict, marks: dict, path: Path) -> None:
     ax.legend(fontsize=8)
     plot_wer(wer_ax, runs, sizes, colours)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 
