@@ -197,7 +197,8 @@ def report(data: dict, csv_path: Path, png_path: Path, wer_csv_path: Path | None
     variants = [v for _, v, _ in SERIES]
     print(f"targets: {sorted({r['targets'] for r in runs})}")
     print("| train utterances | seeds | commit | machine, precision | "
-          + " | ".join(f"{v} (% of NLL gap)" for v in variants) + " | taste_rvq WER gap closed (%) | taste_plain_rvq WER gap closed (%) |")
+          + " | ".join(f"{v} (% of NLL gap)" for v in variants) + " | "
+          + " | ".join(f"{v} WER gap closed (%)" for v in HEADLINE.values()) + " |")
     print("|---|---|---|---|" + "---|" * (len(variants) + 2))
     for n, precision, sets in rows:  # one row per size, precision and extra params: seeds spread within a row
         row = [r for r in by[n] if str(r.get("precision")) == precision and tuple(r["sets"]) == sets]
