@@ -95,7 +95,7 @@ def tables_for(size: int, params_file: Path, work: Path, speakers: bool) -> dict
 
 def extract(root: Path, words: Path, files: dict, params_file: Path, work: Path) -> None:
     """The corpus, its resampled splits and their whisper, text and target tables."""
-    from taste_pipeline import audio, corpus, params, s3, text, whisper
+    from taste_pipeline import audio, kokoro, params, s3, text, whisper
 
     def load(section):
         return params.load(section, params_file)
@@ -103,16 +103,14 @@ def extract(root: Path, words: Path, files: dict, params_file: Path, work: Path)
     base, d, syn = load("base"), load("data"), load("synthesize")
     splits = (d.train_split, d.test_split)
     t = time.perf_counter()
-    corpus.synthesize(root, d.train_split, d.test_split, syn.train_utterances, syn.test_utterances, syn.train_voices,
-                      syn.test_voices, syn.chapters_per_speaker, syn.pause_prob, syn.max_pause_ms, base.seed, words,
-                      workers=os.cpu_count())
+    kokoro.synthesize_corpus(root, d.train_split, d.test_split, syn, base.seed, words, workers=os.cpu_count())
     r, w, tx, s3p = load("resample"), load("whisper"), load("text"), load("s3")
     for split in splits:
         audio.resample_split(root / split, work / "resampled" / split, r.strict, r.silence_dbfs, d.format)
     print(f"scaling_direct: corpus of {syn.train_utterances} + {syn.test_utterances} in {time.perf_counter() - t:.0f} s")
     tok = work / "s3_tokenizer"
     s3.prepare_tokenizer(s3p.source, tok, files[d.train_split]["manifest_path"], s3p.standin_units, base.seed,
-                         s3p.standin_norm, s3p.standin_layer, w.model)
+                         s3p.standin_norm, s3p.standin_layer, s3p.standin_model or w.model)
     for split in splits:
         f = files[split]
         t = time.perf_counter()

@@ -15,7 +15,8 @@ def main() -> None:
     args = ap.parse_args()
     p, base = params.load("s3"), params.load("base")
     info = s3.prepare_tokenizer(p.source, args.out_dir, args.train_manifest, p.standin_units, base.seed,
-                                p.standin_norm, p.standin_layer, params.load("whisper").model)
+                                p.standin_norm, p.standin_layer,
+                                p.standin_model or params.load("whisper").model)
     print(f"targets: {info['name']}")
 
 

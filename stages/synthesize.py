@@ -1,13 +1,14 @@
-"""Stage synthesize: write the embedded espeak-ng corpus in LibriSpeech layout.
+"""Stage synthesize: write the embedded corpus (Kokoro-82M or espeak-ng speech) in LibriSpeech layout.
 
     python stages/synthesize.py <out_dir> [--words-dir DIR]
 
-With --words-dir, each split's true word timings (espeak-ng's word events) go to DIR/<split>.parquet.
+With --words-dir, each split's true word timings (Kokoro's phoneme durations, or espeak-ng's word
+events) go to DIR/<split>.parquet.
 """
 
 import argparse
 
-from taste_pipeline import corpus, params
+from taste_pipeline import kokoro, params
 
 
 def main() -> None:
@@ -16,9 +17,7 @@ def main() -> None:
     ap.add_argument("--words-dir", help="where each split's word timings table goes")
     args = ap.parse_args()
     base, data, p = params.load("base"), params.load("data"), params.load("synthesize")
-    corpus.synthesize(args.out_dir, data.train_split, data.test_split, p.train_utterances, p.test_utterances,
-                      p.train_voices, p.test_voices, p.chapters_per_speaker, p.pause_prob, p.max_pause_ms,
-                      base.seed, args.words_dir)
+    kokoro.synthesize_corpus(args.out_dir, data.train_split, data.test_split, p, base.seed, args.words_dir)
 
 
 if __name__ == "__main__":

@@ -32,8 +32,8 @@ def repo(tmp_path_factory):
     for item in ("dvc.yaml", "stages", "src", "scripts", "docs/results"):
         (shutil.copytree if (ROOT / item).is_dir() else shutil.copy)(ROOT / item, repo / item)  # docs/results: plots dvc.yaml names
     p = yaml.safe_load((ROOT / "params.yaml").read_text())
-    p["synthesize"].update(train_utterances=6, test_utterances=3, train_voices=["en-us", "en+f4"],
-                           test_voices=["en-us+m3"])
+    # The default engine (Kokoro), two train speakers and one test speaker.
+    p["synthesize"].update(train_utterances=6, test_utterances=3, kokoro_train_speakers=2, kokoro_test_speakers=1)
     p["s3"].update(standin_units=16)
     p["train"].update(epochs=2, batch_size=2, d_model=32, n_heads=2, n_layers=1, d_ff=64, agg_layers=1, warmup_steps=2,
                       val_speakers=1, rvq_codebook_size=16, rvq_levels=2,

