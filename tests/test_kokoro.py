@@ -164,9 +164,39 @@ def test_the_splits_nest_whatever_the_train_size():
     assert small[1] == large[1] and small[0] == large[0][:7]
 
 
+def test_a_parallel_split_has_two_unheard_test_voices_say_every_text(tmp_path):
+    from taste_pipeline import tables
+
+    p = params.Synthesize()
+    texts = ["the cat slept", "a dog ran home"]
+    voices = kokoro.parallel(tmp_path / "src", "par", texts, p, 1, tmp_path / "words")
+    test_ids = {u.speaker.speaker_id for u in kokoro.plan_splits(0, 12, p, 1)[1]}
+    assert len({v.speaker_id for v in voices}) == 2 and {v.speaker_id for v in voices} <= test_ids
+    said = {}
+    for f in sorted((tmp_path / "src" / "par").rglob("*.trans.txt")):
+        for line in f.read_text().splitlines():
+            utt, text = line.split(" ", 1)
+            said.setdefault(text.lower(), []).append(utt.split("-")[0])
+    assert sorted(said) == sorted(texts) and all(len(set(v)) == 2 for v in said.values())
+    w = tables.read_words(tmp_path / "words" / "par.parquet")
+    assert w.num_rows == 4 and sorted(" ".join(x) for x in w.column("words").to_pylist()) == sorted(texts * 2)
+    with pytest.raises(ValueError, match="kokoro_test_speakers"):
+        kokoro.parallel(tmp_path / "src2", "par", texts, params.Synthesize(kokoro_test_speakers=1), 1,
+                        tmp_path / "words2")
+
+
 def test_a_pack_the_wheel_does_not_ship_is_a_clear_error():
     with pytest.raises(ValueError, match="kokoro_test_packs"):
         kokoro.plan_splits(4, 2, params.Synthesize(kokoro_test_packs=["af_heart"]), 1)
+    with pytest.raises(ValueError, match="kokoro_packs: \\['af_heart'\\]"):
+        kokoro.plan_splits(4, 2, params.Synthesize(kokoro_packs=["af_heart", "jm_kumo"], kokoro_test_packs=["jm_kumo"]), 1)
+
+
+def test_test_packs_must_be_some_but_not_all_of_the_packs():
+    for test_packs in (["jf_alpha"], ["jf_gongitsune", "jf_nezumi", "jf_tebukuro", "jm_kumo"], []):
+        with pytest.raises(params.ParamError, match="kokoro_test_packs"):
+            params.Synthesize(kokoro_test_packs=test_packs).check()
+    params.Synthesize().check()
 
 
 @pytest.mark.slow

@@ -319,15 +319,19 @@ def plan(texts: list[str], spk: list[Voice], chapters_per_speaker: int, rng: ran
 
 def plan_splits(train_utterances: int, test_utterances: int, p, seed: int) -> tuple[list[Utterance], list[Utterance]]:
     """(train, test) as ``corpus.plan_splits`` (the same sentences for the same seed; the splits nest), spoken
-    by ``p.kokoro_train_speakers`` blends of the packs that are not ``p.kokoro_test_packs`` and
+    by ``p.kokoro_train_speakers`` blends of the ``p.kokoro_packs`` that are not ``p.kokoro_test_packs`` and
     ``p.kokoro_test_speakers`` in which the test packs weigh ``p.kokoro_test_weight``: voices the model never
     heard in training (``p``: params.Synthesize)."""
     from .corpus import sentences
 
+    unknown = sorted(set(p.kokoro_packs) - set(PACKS))
+    if unknown:
+        raise ValueError(f"synthesize.kokoro_packs: {unknown} are not among the wheel's packs {list(PACKS)}")
     test_packs = list(p.kokoro_test_packs)
-    train_packs = [x for x in PACKS if x not in test_packs]
-    if not set(test_packs) <= set(PACKS) or not train_packs:
-        raise ValueError(f"synthesize.kokoro_test_packs: {test_packs} must name some, not all, of {list(PACKS)}")
+    train_packs = [x for x in p.kokoro_packs if x not in test_packs]
+    if not set(test_packs) <= set(p.kokoro_packs) or not train_packs:
+        raise ValueError(f"synthesize.kokoro_test_packs: {test_packs} must name some, not all, of "
+                         f"synthesize.kokoro_packs {list(p.kokoro_packs)}")
     texts = sentences(test_utterances + train_utterances, seed)
     split = {}
     for name, n, own, others, first_id, chosen in (
@@ -399,6 +403,25 @@ def synthesize(out_dir: str | Path, train_split: str, test_split: str, p, seed: 
     words = (lambda split: Path(words_dir) / f"{split}.parquet") if words_dir is not None else (lambda split: None)
     write_split(test, Path(out_dir) / test_split, test_split, words(test_split), workers, speak=speak_block)
     write_split(train, Path(out_dir) / train_split, train_split, words(train_split), workers, speak=speak_block)
+
+
+def parallel(out_dir: str | Path, split: str, texts: list[str], p, seed: int, words_dir: str | Path,
+             speakers: int = 2) -> list[Voice]:
+    """As ``corpus.parallel``: the first ``speakers`` test speakers of ``p`` (params.Synthesize) each say every
+    text without breaks (``out_dir/<split>`` and ``words_dir/<split>.parquet``): the same sentences in voices
+    no tokenizer was fitted on, to measure how much target units change with the voice. Returns the voices."""
+    from .corpus import write_split
+
+    _, test = plan_splits(0, len(texts), p, seed)  # the test speakers, as the corpus draws them
+    spk = list({u.speaker.speaker_id: u.speaker for u in test}.values())[:speakers]
+    if len(spk) < speakers:
+        raise ValueError(f"synthesize.kokoro_test_speakers: {len(spk)} test speakers, {speakers} needed")
+    rng = random.Random(f"{seed}-parallel-kokoro")
+    utts = []
+    for s in spk:
+        utts += plan(texts, [s], 1, rng, pause_prob=0.0, max_pause_ms=0)
+    write_split(utts, Path(out_dir) / split, split, Path(words_dir) / f"{split}.parquet", speak=speak_block)
+    return spk
 
 
 def synthesize_corpus(out_dir: str | Path, train_split: str, test_split: str, p, seed: int,

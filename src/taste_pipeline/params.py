@@ -60,7 +60,8 @@ class Synthesize:
     test_voices: list = field(default_factory=list)
     kokoro_train_speakers: int = 24
     kokoro_test_speakers: int = 3
-    kokoro_test_packs: list = field(default_factory=lambda: ["jf_nezumi"])
+    kokoro_packs: list = field(default_factory=lambda: ["jf_gongitsune", "jf_nezumi", "jf_tebukuro", "jm_kumo"])
+    kokoro_test_packs: list = field(default_factory=lambda: ["jf_gongitsune"])
     kokoro_test_weight: list = field(default_factory=lambda: [0.6, 0.9])
     kokoro_shift: list = field(default_factory=lambda: [0.9, 1.1])
     kokoro_speed: list = field(default_factory=lambda: [0.9, 1.1])
@@ -79,8 +80,10 @@ class Synthesize:
             raise ParamError(f"synthesize.pause_prob: must be in [0, 1], got {self.pause_prob}")
         if self.engine == "espeak" and (not self.train_voices or not self.test_voices):
             raise ParamError("synthesize.train_voices / test_voices: each needs at least one voice")
-        if not self.kokoro_test_packs:  # which packs exist is kokoro.plan_splits' to check: the wheel's
-            raise ParamError("synthesize.kokoro_test_packs: needs at least one of Kokoro's voice packs")
+        # Which packs exist is kokoro.plan_splits' to check (the wheel's); that the test packs are some of them, here.
+        if not self.kokoro_test_packs or not set(self.kokoro_test_packs) < set(self.kokoro_packs):
+            raise ParamError(f"synthesize.kokoro_test_packs: {self.kokoro_test_packs} must name some, not all, of "
+                             f"synthesize.kokoro_packs {self.kokoro_packs}")
         for name, lo, hi in (("kokoro_test_weight", 0.0, 1.0), ("kokoro_shift", 0.5, 2.0), ("kokoro_speed", 0.5, 2.0)):
             r = getattr(self, name)
             if len(r) != 2 or not all(isinstance(v, (int, float)) for v in r) or not lo <= r[0] <= r[1] <= hi:
