@@ -2,7 +2,7 @@
 that no tokenizer was fitted on (unit agreement, frames paired by the synthesizer's word timings and by
 DTW), and how long a unit lasts (mean run length). See src/taste_pipeline/targets.py.
 
-    python scripts/target_kinds.py --out bench/results/target_kinds.json
+    python scripts/target_kinds.py --out bench/results/target_kinds-kokoro.json
 
 Each kind is fitted on the train split of the pipeline's corpus (data/resampled/<data.train_split>, run
 `dvc repro resample` first) with s3.standin_units, s3.standin_norm and base.seed; the sentences are the
