@@ -58,6 +58,22 @@ def tiny_tables(tiny_resampled, tmp_path_factory) -> dict[str, Path]:
             "s3_path": out / "s.parquet", "speaker_path": out / "spk.parquet"}
 
 
+def assert_parallel_split(src: Path, words: Path, texts: list[str]) -> None:
+    """A parallel split (``corpus.parallel``, ``kokoro.parallel``): two speakers say every text, and the
+    word timings table has a row per utterance."""
+    from taste_pipeline import tables
+
+    said: dict[str, list[str]] = {}
+    for f in sorted(src.rglob("*.trans.txt")):
+        for line in f.read_text().splitlines():
+            utt, text = line.split(" ", 1)
+            said.setdefault(text.lower(), []).append(utt.split("-")[0])
+    assert sorted(said) == sorted(texts) and all(len(set(v)) == 2 for v in said.values())
+    w = tables.read_words(words)
+    assert w.num_rows == 2 * len(texts)
+    assert sorted(" ".join(x) for x in w.column("words").to_pylist()) == sorted(texts * 2)
+
+
 def load_script(path: str):
     """A script of the repo (``scripts/x.py``, ``bench/x.py``) as a module, without running its main."""
     import importlib.util

@@ -136,18 +136,12 @@ def test_word_timings_are_where_the_words_are_spoken(tiny_corpus):
 
 
 def test_a_parallel_split_has_every_voice_say_every_text(tmp_path):
-    from taste_pipeline import corpus, tables
+    from conftest import assert_parallel_split
+    from taste_pipeline import corpus
 
     texts = ["the cat sat on a mat", "a dog ran far away from home"]
     corpus.parallel(tmp_path / "src", "par", texts, ["en-us", "en-us+m3"], 1, tmp_path / "words")
-    said = {}
-    for f in sorted((tmp_path / "src" / "par").rglob("*.trans.txt")):
-        for line in f.read_text().splitlines():
-            utt, text = line.split(" ", 1)
-            said.setdefault(text.lower(), []).append(utt.split("-")[0])
-    assert sorted(said) == sorted(texts) and all(len(set(v)) == 2 for v in said.values())
-    w = tables.read_words(tmp_path / "words" / "par.parquet")
-    assert w.num_rows == 4 and sorted(" ".join(x) for x in w.column("words").to_pylist()) == sorted(texts * 2)
+    assert_parallel_split(tmp_path / "src" / "par", tmp_path / "words" / "par.parquet", texts)
 
 
 def test_the_splits_nest_whatever_the_train_size():

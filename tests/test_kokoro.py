@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import assert_parallel_split
 from taste_pipeline import corpus, kokoro, params, wheels
 
 
@@ -182,21 +183,12 @@ def test_the_splits_nest_whatever_the_train_size():
 
 
 def test_a_parallel_split_has_two_unheard_test_voices_say_every_text(tmp_path):
-    from taste_pipeline import tables
-
     p = params.Synthesize()
     texts = ["the cat slept", "a dog ran home"]
     voices = kokoro.parallel(tmp_path / "src", "par", texts, p, 1, tmp_path / "words")
     test_ids = {u.speaker.speaker_id for u in kokoro.plan_splits(0, 12, p, 1)[1]}
     assert len({v.speaker_id for v in voices}) == 2 and {v.speaker_id for v in voices} <= test_ids
-    said = {}
-    for f in sorted((tmp_path / "src" / "par").rglob("*.trans.txt")):
-        for line in f.read_text().splitlines():
-            utt, text = line.split(" ", 1)
-            said.setdefault(text.lower(), []).append(utt.split("-")[0])
-    assert sorted(said) == sorted(texts) and all(len(set(v)) == 2 for v in said.values())
-    w = tables.read_words(tmp_path / "words" / "par.parquet")
-    assert w.num_rows == 4 and sorted(" ".join(x) for x in w.column("words").to_pylist()) == sorted(texts * 2)
+    assert_parallel_split(tmp_path / "src" / "par", tmp_path / "words" / "par.parquet", texts)
     with pytest.raises(ValueError, match="kokoro_test_speakers"):
         kokoro.parallel(tmp_path / "src2", "par", texts, params.Synthesize(kokoro_test_speakers=1), 1,
                         tmp_path / "words2")
